@@ -1,0 +1,97 @@
+"""The ``ldf`` command: one CLI for every service.
+
+Each service package contributes a typer sub-app from its ``cli.py``; this module wires them
+together and turns errors into one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ldf import __version__
+from ldf.config.cli import app as config_app
+from ldf.errors import ConfigError, LdfError
+
+app = typer.Typer(
+    name="ldf",
+    help="The data facility of a survey telescope (LDM-230's services).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(config_app, name="config")
+
+
+def _register_subapps() -> None:
+    # Imported here so a broken optional service never stops `ldf config` from working.
+    from ldf.ocs.cli import app as ocs_app
+    from ldf.sim.cli import app as sim_app
+    from ldf.sim.cli import night as night_cmd
+
+    app.add_typer(ocs_app, name="ocs")
+    app.add_typer(sim_app, name="sim")
+    app.command("night")(night_cmd)
+    from ldf.bench import app as bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ldf {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Site configuration file (default: $LDF_CONFIG)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """The data facility of a survey telescope."""
+    ctx.obj = {"config_path": config}
+
+
+def _report(exc: LdfError) -> int:
+    wants_json = "--json" in sys.argv
+    if wants_json:
+        body = {"error": {"code": exc.code, "message": str(exc).splitlines()[0]}}
+        if isinstance(exc, ConfigError):
+            body["error"]["problems"] = exc.problems  # type: ignore[assignment]
+        sys.stdout.write(json.dumps(body) + "\n")
+    sys.stderr.write(f"error: {exc}\n")
+    return exc.exit_code
+
+
+def main() -> None:
+    """Entry point of the ``ldf`` command."""
+    _register_subapps()
+    try:
+        app(standalone_mode=False)
+    except LdfError as exc:
+        sys.exit(_report(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,305 @@
+"""The site configuration model.
+
+One model describes a whole deployment: where data lives (sites, storage endpoints and their
+tiers), which database and bus engines serve it, how batch work runs, which instruments are
+attached, and per-service policies. With no file at all every value has an embedded default
+under ``$LDF_HOME`` (``./ldf-data`` when unset): SQLite databases, local directories as sites,
+the embedded bus, a local worker pool.
+
+Precedence, highest first: arguments given in code, ``LDF_*`` environment variables (nested
+with ``__``, e.g. ``LDF_BUS__URL``), the YAML file, the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "BatchSettings",
+    "BusSettings",
+    "Endpoint",
+    "InstrumentSettings",
+    "Policies",
+    "Settings",
+    "SimSettings",
+    "Site",
+    "Tier",
+]
+
+DEFAULT_SITES = ("summit", "base", "archive", "dr")
+"""Sites of the embedded default deployment, as LDM-230 names Rubin's."""
+
+yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("ldf_yaml_data", default=None)
+"""The parsed YAML file being loaded (set by the loader around model construction)."""
+
+
+class _Strict(BaseModel):
+    """Base of configuration sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Tier(StrEnum):
+    """Storage tier of an endpoint (LDM-230 5.1)."""
+
+    DISK = "disk"
+    """Online disk: read directly."""
+    NEARLINE = "nearline"
+    """Tape-like: reading needs a staging request that completes after a delay."""
+    DR = "dr"
+    """Disaster-recovery copy: written, audited, read only to repair or restore."""
+
+
+class Endpoint(_Strict):
+    """A storage endpoint at a site."""
+
+    name: str = Field(description="Endpoint name, unique within its site.")
+    tier: Tier = Field(default=Tier.DISK, description="Storage tier.")
+    root: str = Field(
+        description="Root of the endpoint: a local path, or a URI (file:// now; object stores later)."
+    )
+    staging_delay_s: float = Field(
+        default=0.0, ge=0, description="Nearline only: seconds a staging request takes."
+    )
+    capacity_bytes: int | None = Field(
+        default=None, gt=0, description="Capacity to plan against; None means the filesystem's."
+    )
+
+    @model_validator(mode="after")
+    def _staging_only_nearline(self) -> Endpoint:
+        if self.staging_delay_s and self.tier is not Tier.NEARLINE:
+            raise ValueError("staging_delay_s applies only to tier 'nearline'")
+        return self
+
+
+class Site(_Strict):
+    """A site of the facility (summit, base, archive, disaster recovery...)."""
+
+    description: str = Field(default="", description="What the site is, for people.")
+    endpoints: list[Endpoint] = Field(
+        default_factory=list, min_length=1, description="Storage endpoints at this site."
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_names(cls, value: list[Endpoint]) -> list[Endpoint]:
+        names = [e.name for e in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"endpoint names must be unique; repeated: {', '.join(dupes)}")
+        return value
+
+
+class BusSettings(_Strict):
+    """The OCS bus: commands, events and telemetry between devices."""
+
+    url: str = Field(
+        default="embedded",
+        description="'embedded' (a log file under $LDF_HOME, no server) or nats://host:port.",
+    )
+    credentials: SecretStr | None = Field(
+        default=None, description="NATS credentials or token, if the server needs one."
+    )
+    stream_prefix: str = Field(
+        default="LDF", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of JetStream stream names."
+    )
+    command_timeout_s: float = Field(
+        default=10.0, gt=0, description="Default time to wait for a command acknowledgement."
+    )
+    heartbeat_interval_s: float = Field(
+        default=1.0, gt=0, description="Interval between device heartbeats."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith(("nats://", "tls://")):
+            raise ValueError("must be 'embedded' or a nats:// (or tls://) URL")
+        return value
+
+
+class BatchSettings(_Strict):
+    """How batch work runs (LDM-230 5.3)."""
+
+    engine: Literal["local", "parsl", "htcondor", "panda", "slurm"] = Field(
+        default="local",
+        description="'local' (a pool of warm worker processes) or a ctrl_bps plugin.",
+    )
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="Local worker processes."
+    )
+
+
+class InstrumentSettings(_Strict):
+    """An instrument attached to the facility."""
+
+    enabled: bool = Field(default=True, description="Whether the facility serves it.")
+    detectors: list[str] | None = Field(
+        default=None, description="Subset of detector names to read out (None: all)."
+    )
+
+
+class SimSettings(_Strict):
+    """Defaults of the simulated observatory."""
+
+    seed: int = Field(default=20261121, ge=0, description="Seed of the simulated sky and night.")
+    scale: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Linear shrink of detector pixel counts (1 = full LSSTCam size).",
+    )
+    visits: int = Field(default=12, ge=0, description="Science visits in a default night.")
+    detectors: int | None = Field(
+        default=4, ge=1, description="Science detectors per LSSTCam visit (None: all 189)."
+    )
+    day_obs: int = Field(default=20261121, description="Observing day (YYYYMMDD, Rubin's).")
+
+
+class _Policy(_Strict):
+    """Base of per-service policy sections (later services add their fields)."""
+
+
+class ArchiverPolicy(_Policy):
+    """Archiving policies (LDM-230 2.2.3.2.1)."""
+
+
+class PromptPolicy(_Policy):
+    """Prompt processing policies (LDM-230 2.1.3.2.1)."""
+
+
+class OodsPolicy(_Policy):
+    """OODS cache policies (LDM-230 2.6)."""
+
+
+class BackbonePolicy(_Policy):
+    """Data Backbone replication and retention policies (LDM-230 5.1)."""
+
+
+class AlertsPolicy(_Policy):
+    """Alert distribution policies (LDM-230 4.3)."""
+
+
+class TelemetryPolicy(_Policy):
+    """Telemetry gateway policies (LDM-230 2.7)."""
+
+
+class Policies(_Strict):
+    """Per-service policy sections."""
+
+    archiver: ArchiverPolicy = Field(default_factory=ArchiverPolicy)
+    prompt: PromptPolicy = Field(default_factory=PromptPolicy)
+    oods: OodsPolicy = Field(default_factory=OodsPolicy)
+    backbone: BackbonePolicy = Field(default_factory=BackbonePolicy)
+    alerts: AlertsPolicy = Field(default_factory=AlertsPolicy)
+    telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
+
+
+def _default_home() -> Path:
+    return Path("ldf-data")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Settings source for the YAML file the loader parsed (keeps its line numbers)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        data = yaml_data.get() or {}
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(yaml_data.get() or {})
+
+
+class Settings(BaseSettings):
+    """The whole site configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LDF_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Root of embedded state (databases, sites, bus log). Env: LDF_HOME.",
+    )
+    sites: dict[str, Site] = Field(
+        default_factory=dict,
+        description="Sites by name; empty means summit, base, archive and dr under $LDF_HOME.",
+    )
+    databases: dict[str, str] = Field(
+        default_factory=dict,
+        description="SQLAlchemy URLs by role (catalog, apdb, efd...); missing roles are SQLite.",
+    )
+    bus: BusSettings = Field(default_factory=BusSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    instruments: dict[Literal["LSSTCam", "LATISS"], InstrumentSettings] = Field(
+        default_factory=lambda: {"LSSTCam": InstrumentSettings(), "LATISS": InstrumentSettings()},
+        description="Attached instruments.",
+    )
+    sim: SimSettings = Field(default_factory=SimSettings)
+    policies: Policies = Field(default_factory=Policies)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if not self.sites:
+            self.sites = {
+                name: Site(
+                    description=f"embedded default site '{name}'",
+                    endpoints=[
+                        Endpoint(
+                            name="disk",
+                            tier=Tier.DR if name == "dr" else Tier.DISK,
+                            root=str(self.home / "sites" / name / "disk"),
+                        ),
+                        *(
+                            [
+                                Endpoint(
+                                    name="tape",
+                                    tier=Tier.NEARLINE,
+                                    root=str(self.home / "sites" / name / "tape"),
+                                    staging_delay_s=2.0,
+                                )
+                            ]
+                            if name == "archive"
+                            else []
+                        ),
+                    ],
+                )
+                for name in DEFAULT_SITES
+            }
+        return self
+
+    def database_url(self, role: str) -> str:
+        """Return the SQLAlchemy URL for a database role (SQLite under home by default)."""
+        if role in self.databases:
+            return self.databases[role]
+        return f"sqlite:///{(self.home / 'db' / f'{role}.sqlite3').resolve()}"
+
+    @property
+    def bus_is_embedded(self) -> bool:
+        """Whether the OCS bus is the embedded log rather than a NATS server."""
+        return self.bus.url == "embedded"

@@ -1,0 +1,96 @@
+"""Errors shared by every ldf package.
+
+Hierarchy (each user-facing error also inherits the matching builtin, as daf_butler does)::
+
+    LdfError                          base; carries a stable machine-readable ``code``
+    ├── UserInputError(ValueError)    bad input from a user or another service (exit code 2)
+    │   └── ConfigError               a configuration file or override is invalid
+    ├── NotFoundError(LookupError)    something named does not exist
+    ├── StateError(RuntimeError)      the request is illegal in the current state
+    │   └── CommandRefusedError       an OCS command was refused by its device
+    ├── TransportError(ConnectionError)  a bus, database or remote service could not be reached
+    │   └── CommandTimeoutError(TimeoutError)  a command got no acknowledgement in time
+    └── StorageError(OSError)         reading or writing storage failed (disk full, permissions)
+
+The CLI turns any ``LdfError`` into one line on stderr (``error: <message>``) and an exit code:
+2 for ``UserInputError``, 1 otherwise. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class LdfError(Exception):
+    """Base of every error ldf raises on purpose."""
+
+    code: str = "ldf_error"
+    """Stable machine-readable code, used in JSON output and HTTP error bodies."""
+
+    exit_code: int = 1
+    """Process exit code the CLI uses for this error."""
+
+
+class UserInputError(LdfError, ValueError):
+    """Bad input: a value, file or command line that cannot be accepted."""
+
+    code = "invalid_input"
+    exit_code = 2
+
+
+class ConfigError(UserInputError):
+    """A configuration file or environment override is invalid.
+
+    Parameters
+    ----------
+    message
+        Summary line.
+    problems
+        Every problem found, each prefixed with its location (``file:line:col: field: why``).
+    """
+
+    code = "invalid_config"
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return super().__str__()
+        return "\n".join([super().__str__(), *(f"  {p}" for p in self.problems)])
+
+
+class NotFoundError(LdfError, LookupError):
+    """Something named by the caller does not exist."""
+
+    code = "not_found"
+    exit_code = 2
+
+
+class StateError(LdfError, RuntimeError):
+    """The request is not allowed in the current state."""
+
+    code = "invalid_state"
+
+
+class CommandRefusedError(StateError):
+    """An OCS command was refused by its device; nothing changed."""
+
+    code = "command_refused"
+
+
+class TransportError(LdfError, ConnectionError):
+    """A bus, database or remote service could not be reached."""
+
+    code = "transport_error"
+
+
+class CommandTimeoutError(TransportError, TimeoutError):
+    """A command got no acknowledgement within its timeout."""
+
+    code = "command_timeout"
+
+
+class StorageError(LdfError, OSError):
+    """Reading or writing storage failed."""
+
+    code = "storage_error"

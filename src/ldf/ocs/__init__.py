@@ -1,0 +1,1 @@
+"""OCS-commandable device model and the OCS bus."""

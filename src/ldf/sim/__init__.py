@@ -1,0 +1,1 @@
+"""The simulated observatory: instruments, sky, camera, scheduler."""
