@@ -9,16 +9,29 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from ldf import __version__
 from ldf.config.cli import app as config_app
 from ldf.errors import ConfigError, LdfError
 
+class _LdfGroup(TyperGroup):
+    """Root command group: any `LdfError` becomes one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LdfError as exc:
+            raise typer.Exit(_report(exc)) from None
+
+
 app = typer.Typer(
     name="ldf",
+    cls=_LdfGroup,
     help="The data facility of a survey telescope (LDM-230's services).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -88,10 +101,6 @@ def main() -> None:
     except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except click.ClickException as exc:  # usage errors arrive here in non-standalone mode
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -41,17 +41,20 @@ def _compose(text: str, path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     return data, node
 
 
-def _locate(node: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | None:
-    """Follow a pydantic error location through the YAML node tree, as far as it goes."""
+def _locate(
+    node: yaml.Node | None, loc: tuple[int | str, ...], *, at_key: bool = False
+) -> yaml.Node | None:
+    """Follow a pydantic error location through the YAML node tree, as far as it goes.
+
+    With ``at_key`` the last part's key is returned instead of its value (unknown keys).
+    """
     found = node
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(found, yaml.MappingNode):
-            child = next((v for k, v in found.value if k.value == str(part)), None)
-            if child is None:
-                # The key itself is wrong (extra key): point at the key.
-                key = next((k for k, _ in found.value if k.value == str(part)), None)
-                return key or found
-            found = child
+            pair = next(((k, v) for k, v in found.value if k.value == str(part)), None)
+            if pair is None:
+                return found
+            found = pair[0] if at_key and i == len(loc) - 1 else pair[1]
         elif isinstance(found, yaml.SequenceNode) and isinstance(part, int):
             if part >= len(found.value):
                 return found
@@ -82,7 +85,7 @@ def _problems(
         if env:
             where = f"environment {env}"
         elif path is not None and loc and loc[0] in data:
-            target = _locate(node, loc)
+            target = _locate(node, loc, at_key=err["type"] == "extra_forbidden")
             mark = target.start_mark if target is not None else None
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         else:

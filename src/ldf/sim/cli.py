@@ -1,0 +1,200 @@
+"""``ldf sim``: the simulated observatory; ``ldf night``: the main job."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ldf.cliutil import console, err_console, print_json, settings_from
+from ldf.config import Settings
+
+app = typer.Typer(help="The simulated observatory: instruments, sky, camera, scheduler.", no_args_is_help=True)
+
+Visits = Annotated[int | None, typer.Option("--visits", "-n", help="LSSTCam science visits.")]
+Detectors = Annotated[
+    int | None,
+    typer.Option("--detectors", "-d", help="LSSTCam science CCDs per exposure (0: all 205)."),
+]
+Scale = Annotated[float | None, typer.Option("--scale", help="Shrink pixel counts (1 = full size).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed of sky, plan and noise.")]
+DayObs = Annotated[int | None, typer.Option("--day-obs", help="Observing day YYYYMMDD.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _options(
+    settings: Settings,
+    visits: int | None,
+    detectors: int | None,
+    scale: float | None,
+    seed: int | None,
+    day_obs: int | None,
+    **extra: Any,
+) -> Any:
+    from ldf.sim.night import NightOptions
+
+    sim = settings.sim
+    dets = sim.detectors if detectors is None else (None if detectors == 0 else detectors)
+    instruments = tuple(n for n, i in settings.instruments.items() if i.enabled)
+    return NightOptions(
+        day_obs=day_obs or sim.day_obs,
+        visits=sim.visits if visits is None else visits,
+        seed=sim.seed if seed is None else seed,
+        scale=sim.scale if scale is None else scale,
+        detectors=dets,
+        instruments=instruments,
+        workers=settings.batch.workers,
+        **extra,
+    )
+
+
+async def _simulate(settings: Settings, options: Any, quiet: bool) -> Any:
+    from ldf.sim.devices import Observatory
+    from ldf.sim.daq import DaqStore
+    from ldf.sim.night import run_night
+
+    daq = DaqStore(settings.home / "daq")
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[obs_id]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    )
+    task = progress.add_task("night", total=None, obs_id="planning…")
+
+    def on_plan(exposures: int, files: int) -> None:
+        progress.update(task, total=files, description=f"{exposures} exposures")
+
+    def on_exposure(r: Any) -> None:
+        progress.update(task, advance=r.detectors, obs_id=r.obs_id)
+
+    async with Observatory.open(settings, options.instruments) as obs:
+        with progress:
+            return await run_night(
+                options,
+                daq,
+                settings.home / "sim",
+                sink=obs.publish,
+                on_exposure=on_exposure,
+                on_plan=on_plan,
+            )
+
+
+def _print_summary(summary: Any) -> None:
+    table = Table(title=f"Simulated night {summary.day_obs} (seed {summary.seed}, scale {summary.scale})")
+    for col in ("instrument", "exposures", "by type", "files", "MB", "truth rows"):
+        table.add_column(col, justify="right" if col not in ("instrument", "by type") else "left")
+    for name, s in summary.instruments.items():
+        table.add_row(
+            name,
+            str(s.exposures),
+            ", ".join(f"{k} {v}" for k, v in sorted(s.by_type.items())),
+            str(s.detector_files),
+            f"{s.nbytes / 1e6:.1f}",
+            str(s.truth_rows),
+        )
+    console.print(table)
+    console.print(
+        f"{summary.events} OCS events · {summary.wall_s:.1f} s wall · {summary.megabytes_per_s} MB/s"
+        f" · DAQ at {summary.daq_root}"
+    )
+    for name, s in summary.instruments.items():
+        console.print(f"truth table ({name}): {s.truth_table}")
+
+
+@app.command("night")
+def sim_night(
+    ctx: typer.Context,
+    visits: Visits = None,
+    detectors: Detectors = None,
+    scale: Scale = None,
+    seed: Seed = None,
+    day_obs: DayObs = None,
+    latiss: Annotated[int, typer.Option("--latiss", help="LATISS spectra.")] = 3,
+    no_calibs: Annotated[bool, typer.Option("--no-calibs", help="Skip the calibration block.")] = False,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Run on the simulated clock.")] = False,
+    speed: Annotated[float, typer.Option("--speed", help="Real-time acceleration.")] = 1.0,
+    as_json: Json = False,
+) -> None:
+    """Simulate a night of exposures into the camera DAQ, with its truth table."""
+    settings = settings_from(ctx)
+    options = _options(
+        settings,
+        visits,
+        detectors,
+        scale,
+        seed,
+        day_obs,
+        latiss_visits=latiss,
+        calibrations=not no_calibs,
+        realtime=realtime,
+        speed=speed,
+    )
+    summary = asyncio.run(_simulate(settings, options, quiet=as_json))
+    if as_json:
+        print_json(summary.model_dump(mode="json"))
+    else:
+        _print_summary(summary)
+
+
+@app.command("plan")
+def sim_plan(
+    ctx: typer.Context,
+    visits: Visits = None,
+    seed: Seed = None,
+    day_obs: DayObs = None,
+    instrument: Annotated[str, typer.Option("--instrument", "-i")] = "LSSTCam",
+    as_json: Json = False,
+) -> None:
+    """Show the scheduler's plan for a night without simulating pixels."""
+    from ldf.sim.night import _conditions_model
+    from ldf.sim.scheduler import plan_night
+
+    settings = settings_from(ctx)
+    plan = plan_night(
+        instrument,
+        day_obs=day_obs or settings.sim.day_obs,
+        science_visits=settings.sim.visits if visits is None else visits,
+        seed=settings.sim.seed if seed is None else seed,
+        conditions=_conditions_model,
+    )
+    rows = [p.visit.model_dump(mode="json") for p in plan.exposures]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"{instrument} night {plan.day_obs}: {plan.by_type()}")
+    for col in ("obs_id", "type", "reason", "band", "ra", "dec", "airmass", "seeing"):
+        table.add_column(col)
+    for p in plan.exposures:
+        v = p.visit
+        seeing = f"{v.conditions.seeing_fwhm_arcsec:.2f}″" if v.conditions else ""
+        table.add_row(
+            v.obs_id, v.obs_type.value, v.reason, v.band or "", f"{v.ra_deg:.2f}",
+            f"{v.dec_deg:.2f}", f"{v.airmass:.3f}", seeing,
+        )  # fmt: skip
+    console.print(table)
+
+
+def night(
+    ctx: typer.Context,
+    visits: Visits = None,
+    detectors: Detectors = None,
+    scale: Scale = None,
+    seed: Seed = None,
+    as_json: Json = False,
+) -> None:
+    """Run an observing night through the facility (today: the simulated observatory)."""
+    settings = settings_from(ctx)
+    options = _options(settings, visits, detectors, scale, seed, None)
+    summary = asyncio.run(_simulate(settings, options, quiet=as_json))
+    if as_json:
+        print_json({"sim": summary.model_dump(mode="json")})
+    else:
+        _print_summary(summary)
