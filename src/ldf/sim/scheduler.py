@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import date, timedelta
 
 import numpy as np
@@ -126,6 +127,7 @@ def _day_obs_noon(day_obs: int) -> Time:
     return Time(f"{d.isoformat()}T12:00:00", scale="utc")
 
 
+@lru_cache(maxsize=16)
 def _twilight(day_obs: int) -> tuple[Time, Time]:
     """Evening and morning -18° twilight for the night starting on day_obs."""
     t0 = _day_obs_noon(day_obs)
@@ -317,6 +319,12 @@ def plan_night(
     _validate_day_obs(day_obs)
     rng = np.random.default_rng([seed, day_obs, 0 if instrument == "LSSTCam" else 1])
     evening, morning = _twilight(day_obs)
+    hours = (float(morning.tai.mjd) - float(evening.tai.mjd)) * 24
+    # A visit takes at least its exposure and readout (32 s); refuse the impossible at once.
+    if science_visits * (30.0 + READOUT_S) > hours * 3600:
+        raise UserInputError(
+            f"{science_visits} visits do not fit in the {hours:.1f} h night of {day_obs}"
+        )
     calib_start = _day_obs_noon(day_obs) + timedelta(hours=7)  # 16:00 local (UTC-3) in summer
     clock = _Clock(instrument, day_obs, calib_start, conditions, seed)
     if calibrations:
@@ -327,7 +335,6 @@ def plan_night(
     else:
         _latiss_science(clock, science_visits)
     if clock.mjd > float(morning.tai.mjd) + 1e-9 and science_visits:
-        hours = (float(morning.tai.mjd) - float(evening.tai.mjd)) * 24
         raise UserInputError(
             f"{science_visits} visits do not fit in the {hours:.1f} h night of {day_obs}"
         )
