@@ -19,6 +19,7 @@ from ldf import __version__
 from ldf.config.cli import app as config_app
 from ldf.errors import ConfigError, LdfError
 
+
 class _LdfGroup(TyperGroup):
     """Root command group: any `LdfError` becomes one line on stderr and its exit code."""
 
@@ -90,7 +91,8 @@ def main() -> None:
     """Entry point of the ``ldf`` command."""
     _register_subapps()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except LdfError as exc:
         sys.exit(_report(exc))
     except KeyboardInterrupt:

@@ -7,7 +7,8 @@ Hierarchy (each user-facing error also inherits the matching builtin, as daf_but
     │   └── ConfigError               a configuration file or override is invalid
     ├── NotFoundError(LookupError)    something named does not exist
     ├── StateError(RuntimeError)      the request is illegal in the current state
-    │   └── CommandRefusedError       an OCS command was refused by its device
+    │   ├── CommandRefusedError       an OCS command was refused by its device
+    │   └── CommandFailedError        a device accepted a command and then failed it
     ├── TransportError(ConnectionError)  a bus, database or remote service could not be reached
     │   └── CommandTimeoutError(TimeoutError)  a command got no acknowledgement in time
     └── StorageError(OSError)         reading or writing storage failed (disk full, permissions)
@@ -76,6 +77,12 @@ class CommandRefusedError(StateError):
     """An OCS command was refused by its device; nothing changed."""
 
     code = "command_refused"
+
+
+class CommandFailedError(StateError):
+    """A device accepted a command, then failed it; its state did not change."""
+
+    code = "command_failed"
 
 
 class TransportError(LdfError, ConnectionError):

@@ -33,16 +33,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from ldf.config.models import BusSettings
-from ldf.errors import CommandRefusedError, CommandTimeoutError, LdfError
+from ldf.errors import CommandFailedError, CommandRefusedError, CommandTimeoutError, LdfError
 from ldf.ocs.models import Ack, AckCode, Kind, Message, make_topic, validate_pattern
 
 __all__ = ["Bus", "CommandFailedError", "Subscription", "open_bus"]
-
-
-class CommandFailedError(LdfError, RuntimeError):
-    """A device accepted a command and then failed to carry it out; its state is unchanged."""
-
-    code = "command_failed"
 
 
 class Subscription:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from ldf.ocs.bus import Bus, Subscription
 from ldf.ocs.models import Message, topic_matches
 
 __all__ = ["POLL_INTERVAL_S", "EmbeddedBus"]
+
+_log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.025
 """How often a bus looks for rows written by other processes."""
@@ -80,7 +83,7 @@ class EmbeddedBus(Bus):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the bus log {path}: {exc}") from exc
 
     def _max_pos(self) -> int:
@@ -137,10 +140,14 @@ class EmbeddedBus(Bus):
     async def _read_loop(self) -> None:
         while self._starts:
             self._wake.clear()
-            rows = self._db.execute(
-                "SELECT pos, topic, body FROM messages WHERE pos > ? ORDER BY pos",
-                (self._cursor,),
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT pos, topic, body FROM messages WHERE pos > ? ORDER BY pos",
+                    (self._cursor,),
+                ).fetchall()
+            except sqlite3.Error as exc:  # e.g. locked beyond the timeout: try again
+                _log.warning("reading the bus log %s: %s", self.path, exc)
+                rows = []
             for pos, topic, body in rows:
                 self._cursor = pos
                 message: Message | None = None

@@ -190,4 +190,6 @@ def _auth_options(credentials: str | None) -> dict[str, str]:
 
 
 async def _log_error(exc: Exception) -> None:
-    _log.warning("NATS: %s", exc)
+    # Debug only: connection failures surface as a TransportError with the same text, and
+    # a CLI user should see one line, not one per reconnect attempt.
+    _log.debug("NATS: %s", exc)

@@ -199,7 +199,8 @@ class DeviceStatus(BaseModel):
     """What the bus knows about one device, for ``ldf ocs status``."""
 
     name: str = Field(description="Device name.")
-    state: State | None = Field(description="Last summaryState published; None if never.")
+    state: str | None = Field(description="Name of the last summaryState; None if never sent.")
+    summary_state: int | None = Field(description="Its numeric value (ts_salobj's).")
     last_heartbeat: float | None = Field(description="UTC time of the last heartbeat, if any.")
     heartbeat_age_s: float | None = Field(description="Seconds since the last heartbeat.")
     error_code: int = Field(default=0, description="Last errorCode published (0: none).")
