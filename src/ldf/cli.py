@@ -42,16 +42,16 @@ app.add_typer(config_app, name="config")
 
 
 def _register_subapps() -> None:
-    # Imported here so a broken optional service never stops `ldf config` from working.
+    # Sub-app modules import only typer and rich at module level; heavy imports (numpy,
+    # astropy, nats) happen inside commands, so `ldf --help` stays fast.
+    from ldf.bench import app as bench_app
     from ldf.ocs.cli import app as ocs_app
     from ldf.sim.cli import app as sim_app
     from ldf.sim.cli import night as night_cmd
 
-    app.add_typer(ocs_app, name="ocs")
-    app.add_typer(sim_app, name="sim")
     app.command("night")(night_cmd)
-    from ldf.bench import app as bench_app
-
+    app.add_typer(sim_app, name="sim")
+    app.add_typer(ocs_app, name="ocs")
     app.add_typer(bench_app, name="bench")
 
 
@@ -87,9 +87,11 @@ def _report(exc: LdfError) -> int:
     return exc.exit_code
 
 
+_register_subapps()
+
+
 def main() -> None:
     """Entry point of the ``ldf`` command."""
-    _register_subapps()
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

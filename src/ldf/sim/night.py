@@ -47,6 +47,10 @@ DEVICES = {
 """OCS device names of each instrument's scheduler and camera, as Rubin names its CSCs."""
 
 
+LSSTCAM_SCIENCE_CCDS = 189
+"""Science CCDs of LSSTCam."""
+
+
 class EventSink(Protocol):
     """Where the observatory's events go (the OCS bus, or nowhere)."""
 
@@ -81,6 +85,23 @@ class NightOptions:
     """Rendering processes (0: render in this process)."""
     lookahead: int = 4
     """Exposures rendered ahead of the event stream."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale <= 1:
+            raise UserInputError(f"--scale must be in (0, 1], got {self.scale}")
+        if self.speed <= 0:
+            raise UserInputError(f"--speed must be > 0, got {self.speed}")
+        if self.visits < 0 or self.latiss_visits < 0:
+            raise UserInputError("visit counts must be ≥ 0")
+        if self.detectors is not None and not 1 <= self.detectors <= LSSTCAM_SCIENCE_CCDS:
+            raise UserInputError(
+                f"--detectors must be between 1 and {LSSTCAM_SCIENCE_CCDS}, got {self.detectors}"
+            )
+        unknown = set(self.instruments) - set(DEVICES)
+        if unknown:
+            raise UserInputError(f"unknown instrument(s): {', '.join(sorted(unknown))}")
+        if self.workers < 0 or self.lookahead < 1:
+            raise UserInputError("workers must be ≥ 0 and lookahead ≥ 1")
 
 
 class ExposureResult(BaseModel):
@@ -166,7 +187,14 @@ def render_to_daq(task: _Task) -> tuple[str, list[dict[str, Any]], int, float]:
 def _conditions_model(visit: VisitSpec, seed: int) -> ObservingConditions:
     from ldf.sim.conditions import conditions_for
 
-    return conditions_for(visit, seed)
+    return conditions_for(
+        seed,
+        visit.start_tai_mjd,
+        visit.band or "r",
+        visit.airmass,
+        ra_deg=visit.ra_deg,
+        dec_deg=visit.dec_deg,
+    )
 
 
 def detectors_for(instrument: str, scale: float, count: int | None) -> list[str]:
@@ -232,13 +260,6 @@ async def run_night(
     on_plan
         Called once with (exposures, detector files) planned (for progress bars).
     """
-    if options.scale <= 0 or options.scale > 1:
-        raise UserInputError(f"--scale must be in (0, 1], got {options.scale}")
-    if options.speed <= 0:
-        raise UserInputError("--speed must be > 0")
-    unknown = set(options.instruments) - set(DEVICES)
-    if unknown:
-        raise UserInputError(f"unknown instrument(s): {', '.join(sorted(unknown))}")
     t_wall0 = time.perf_counter()
     plans = []
     dets: dict[str, list[str]] = {}
@@ -268,7 +289,6 @@ async def run_night(
         )
     pending: dict[str, list[Future[Any]]] = {}
     next_submit = 0
-    results: dict[str, dict[str, Any]] = {}
     truth: dict[str, list[dict[str, Any]]] = {name: [] for name in options.instruments}
     summaries = {name: InstrumentSummary() for name in options.instruments}
     render_s = 0.0
@@ -360,7 +380,6 @@ async def run_night(
                 s.last_obs_id = v.obs_id
                 render_s += exp_render
                 nbytes += exp_bytes
-                results[v.obs_id] = {}
                 if on_exposure:
                     on_exposure(
                         ExposureResult(
