@@ -25,12 +25,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, as the figure claims
 
-from ldf.sim.camera import render_detector  # noqa: E402
-from ldf.sim.daq import DaqStore  # noqa: E402
-from ldf.sim.instruments import get_instrument  # noqa: E402
-from ldf.sim.night import _conditions_model  # noqa: E402
-from ldf.sim.scheduler import plan_night  # noqa: E402
-from ldf.sim.sky import Sky  # noqa: E402
+from ldf.sim.camera import render_detector
+from ldf.sim.daq import DaqStore
+from ldf.sim.instruments import get_instrument
+from ldf.sim.night import _conditions_model
+from ldf.sim.scheduler import plan_night
+from ldf.sim.sky import Sky
 
 
 def main() -> None:

@@ -16,4 +16,4 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
             monkeypatch.delenv(key)
     home = tmp_path / "ldf-home"
     monkeypatch.setenv("LDF_HOME", str(home))
-    yield home
+    return home

@@ -18,7 +18,9 @@ import typer
 from ldf.cliutil import print_json
 from ldf.errors import NotFoundError
 
-app = typer.Typer(help="Benchmarks (JSON figures with their same-run baselines).", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks (JSON figures with their same-run baselines).", no_args_is_help=True
+)
 
 
 def benchmarks_dir() -> Path:

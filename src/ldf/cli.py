@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -23,7 +22,8 @@ from ldf.errors import ConfigError, LdfError
 class _LdfGroup(TyperGroup):
     """Root command group: any `LdfError` becomes one line on stderr and its exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    # Typed Any: typer vendors click, and its Context class is private to typer.
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except LdfError as exc:
@@ -92,19 +92,6 @@ _register_subapps()
 
 def main() -> None:
     """Entry point of the ``ldf`` command."""
-    try:
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
-    except LdfError as exc:
-        sys.exit(_report(exc))
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.stderr.write("aborted\n")
-        sys.exit(1)
-    except click.ClickException as exc:  # usage errors arrive here in non-standalone mode
-        exc.show()
-        sys.exit(exc.exit_code)
+    # Standalone mode: typer reports usage errors (exit 2) and Ctrl-C itself; `_LdfGroup`
+    # has already turned our own errors into one line and an exit code.
+    app()

@@ -16,7 +16,6 @@ from ldf.errors import ConfigError
 runner = CliRunner()
 
 
-
 def test_defaults_name_four_sites_under_home(tmp_path: Path) -> None:
     s = load_settings()
     assert sorted(s.sites) == ["archive", "base", "dr", "summit"]
@@ -100,7 +99,9 @@ def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
 
 def test_nearline_only_staging_and_unique_endpoints(tmp_path: Path) -> None:
     cfg = tmp_path / "s.yaml"
-    cfg.write_text("sites:\n  a:\n    endpoints:\n      - {name: x, root: /a, staging_delay_s: 5}\n")
+    cfg.write_text(
+        "sites:\n  a:\n    endpoints:\n      - {name: x, root: /a, staging_delay_s: 5}\n"
+    )
     with pytest.raises(ConfigError, match="staging_delay_s applies only to tier 'nearline'"):
         load_settings(cfg)
     cfg.write_text(
@@ -120,7 +121,8 @@ def test_cli_validate_exit_code_and_lines(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "validate", str(cfg)])
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("error: ") and lines[0].endswith("bad.yaml: 2 errors")
+    assert lines[0].startswith("error: ")
+    assert lines[0].endswith("bad.yaml: 2 errors")
     assert any("bus.url" in line for line in lines[1:])
     assert any("sim.scale" in line for line in lines[1:])
     assert "Traceback" not in result.output
@@ -142,5 +144,6 @@ def test_cli_show_masks_secrets(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["bus"]["credentials"] == "***"
     assert data["databases"]["apdb"] == "postgresql://u:***@127.0.0.1/apdb"
-    assert "s3cret" not in result.stdout and ":pw@" not in result.stdout
+    assert "s3cret" not in result.stdout
+    assert ":pw@" not in result.stdout
     assert set(data["sites"]) == {"summit", "base", "archive", "dr"}

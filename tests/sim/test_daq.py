@@ -43,7 +43,11 @@ def test_round_trip_and_completion(tmp_path: Path) -> None:
         np.testing.assert_array_equal(back[name], a)
     assert [e.visit.obs_id for e in daq.exposures("LSSTCam", 20261121)] == [v.obs_id]
     # No temporary files left behind.
-    assert not [p for p in daq.exposure_dir("LSSTCam", 20261121, v.obs_id).iterdir() if p.name.startswith(".")]
+    assert not [
+        p
+        for p in daq.exposure_dir("LSSTCam", 20261121, v.obs_id).iterdir()
+        if p.name.startswith(".")
+    ]
 
 
 def test_corrupt_and_truncated_readouts_detected(tmp_path: Path) -> None:

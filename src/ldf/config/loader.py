@@ -27,9 +27,7 @@ def _compose(text: str, path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(
-            f"{path} is not valid YAML", [f"{where}: {exc.problem or exc}"]
-        ) from None
+        raise ConfigError(f"{path} is not valid YAML", [f"{where}: {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML", [f"{path}: {exc}"]) from None
     if data is None:

@@ -67,7 +67,7 @@ class Endpoint(_Strict):
     name: str = Field(description="Endpoint name, unique within its site.")
     tier: Tier = Field(default=Tier.DISK, description="Storage tier.")
     root: str = Field(
-        description="Root of the endpoint: a local path, or a URI (file:// now; object stores later)."
+        description="Local path or URI of the endpoint (file:// now; object stores later)."
     )
     staging_delay_s: float = Field(
         default=0.0, ge=0, description="Nearline only: seconds a staging request takes."
@@ -206,6 +206,14 @@ class Policies(_Strict):
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
 
 
+type InstrumentName = Literal["LSSTCam", "LATISS"]
+"""Instruments the facility knows."""
+
+
+def _default_instruments() -> dict[InstrumentName, InstrumentSettings]:
+    return {"LSSTCam": InstrumentSettings(), "LATISS": InstrumentSettings()}
+
+
 def _default_home() -> Path:
     return Path("ldf-data")
 
@@ -245,8 +253,8 @@ class Settings(BaseSettings):
     )
     bus: BusSettings = Field(default_factory=BusSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
-    instruments: dict[Literal["LSSTCam", "LATISS"], InstrumentSettings] = Field(
-        default_factory=lambda: {"LSSTCam": InstrumentSettings(), "LATISS": InstrumentSettings()},
+    instruments: dict[InstrumentName, InstrumentSettings] = Field(
+        default_factory=_default_instruments,
         description="Attached instruments.",
     )
     sim: SimSettings = Field(default_factory=SimSettings)

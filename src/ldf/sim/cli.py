@@ -12,14 +12,18 @@ from rich.table import Table
 from ldf.cliutil import console, err_console, print_json, settings_from
 from ldf.config import Settings
 
-app = typer.Typer(help="The simulated observatory: instruments, sky, camera, scheduler.", no_args_is_help=True)
+app = typer.Typer(
+    help="The simulated observatory: instruments, sky, camera, scheduler.", no_args_is_help=True
+)
 
 Visits = Annotated[int | None, typer.Option("--visits", "-n", help="LSSTCam science visits.")]
 Detectors = Annotated[
     int | None,
     typer.Option("--detectors", "-d", help="LSSTCam science CCDs per exposure (0: all 205)."),
 ]
-Scale = Annotated[float | None, typer.Option("--scale", help="Shrink pixel counts (1 = full size).")]
+Scale = Annotated[
+    float | None, typer.Option("--scale", help="Shrink pixel counts (1 = full size).")
+]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed of sky, plan and noise.")]
 DayObs = Annotated[int | None, typer.Option("--day-obs", help="Observing day YYYYMMDD.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -52,8 +56,8 @@ def _options(
 
 
 async def _simulate(settings: Settings, options: Any, quiet: bool) -> Any:
-    from ldf.sim.devices import Observatory
     from ldf.sim.daq import DaqStore
+    from ldf.sim.devices import Observatory
     from ldf.sim.night import run_night
 
     daq = DaqStore(settings.home / "daq")
@@ -88,7 +92,9 @@ async def _simulate(settings: Settings, options: Any, quiet: bool) -> Any:
 
 
 def _print_summary(summary: Any) -> None:
-    table = Table(title=f"Simulated night {summary.day_obs} (seed {summary.seed}, scale {summary.scale})")
+    table = Table(
+        title=f"Simulated night {summary.day_obs} (seed {summary.seed}, scale {summary.scale})"
+    )
     for col in ("instrument", "exposures", "by type", "files", "MB", "truth rows"):
         table.add_column(col, justify="right" if col not in ("instrument", "by type") else "left")
     for name, s in summary.instruments.items():
@@ -102,8 +108,8 @@ def _print_summary(summary: Any) -> None:
         )
     console.print(table)
     console.print(
-        f"{summary.events} OCS events · {summary.wall_s:.1f} s wall · {summary.megabytes_per_s} MB/s"
-        f" · DAQ at {summary.daq_root}"
+        f"{summary.events} OCS events · {summary.wall_s:.1f} s wall · "
+        f"{summary.megabytes_per_s} MB/s · DAQ at {summary.daq_root}"
     )
     for name, s in summary.instruments.items():
         console.print(f"truth table ({name}): {s.truth_table}")
@@ -118,8 +124,12 @@ def sim_night(
     seed: Seed = None,
     day_obs: DayObs = None,
     latiss: Annotated[int, typer.Option("--latiss", help="LATISS spectra.")] = 3,
-    no_calibs: Annotated[bool, typer.Option("--no-calibs", help="Skip the calibration block.")] = False,
-    realtime: Annotated[bool, typer.Option("--realtime", help="Run on the simulated clock.")] = False,
+    no_calibs: Annotated[
+        bool, typer.Option("--no-calibs", help="Skip the calibration block.")
+    ] = False,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="Run on the simulated clock.")
+    ] = False,
     speed: Annotated[float, typer.Option("--speed", help="Real-time acceleration.")] = 1.0,
     as_json: Json = False,
 ) -> None:

@@ -73,7 +73,7 @@ def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
     try:
         with open(tmp, mode) as f:
             write(f)
-        os.replace(tmp, path)
+        tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -50,7 +50,9 @@ class SimDevice(Device):
     async def publish_when_enabled(self, name: str, payload: dict[str, Any]) -> None:
         """Publish an observing event, first waiting for the device to be ENABLED."""
         if not self._enabled.is_set():
-            await self.log(logging.WARNING, f"{self.name} is {self.state.name}: waiting to publish {name}")
+            await self.log(
+                logging.WARNING, f"{self.name} is {self.state.name}: waiting to publish {name}"
+            )
             await self._enabled.wait()
         await self.bus.publish_event(self.name, name, payload)
 
@@ -64,7 +66,9 @@ class Observatory:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings, instruments: Iterable[str]) -> AsyncIterator[Observatory]:
+    async def open(
+        cls, settings: Settings, instruments: Iterable[str]
+    ) -> AsyncIterator[Observatory]:
         """Open the bus, start and enable every device; on exit take them OFFLINE."""
         bus = await open_bus(settings.bus, settings.home)
         devices: dict[str, SimDevice] = {}

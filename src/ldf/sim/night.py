@@ -178,7 +178,9 @@ def render_to_daq(task: _Task) -> tuple[str, list[dict[str, Any]], int, float]:
     t0 = time.perf_counter()
     inst = _instrument(task.instrument, task.scale)
     visit = VisitSpec.model_validate_json(task.visit_json)
-    readout = render_detector(inst, inst.detector(task.detector), visit, _sky(task.seed), seed=task.seed)
+    readout = render_detector(
+        inst, inst.detector(task.detector), visit, _sky(task.seed), seed=task.seed
+    )
     manifest = DaqStore(Path(task.daq_root)).write_detector(visit, task.detector, readout.amps)
     rows = [r.model_dump(mode="json") for r in readout.truth]
     return manifest.model_dump_json(), rows, manifest.nbytes, time.perf_counter() - t0
@@ -302,7 +304,9 @@ async def run_night(
             p = order[next_submit]
             v = p.visit
             tasks = [
-                _Task(v.instrument, options.scale, d, v.model_dump_json(), options.seed, str(daq.root))
+                _Task(
+                    v.instrument, options.scale, d, v.model_dump_json(), options.seed, str(daq.root)
+                )
                 for d in dets[v.instrument]
             ]
             if executor is not None:
@@ -343,7 +347,11 @@ async def run_night(
                 await publish(
                     camera,
                     "startIntegration",
-                    {"imageName": v.obs_id, "exposureTime": v.exp_time_s, "visit": _visit_payload(p)},
+                    {
+                        "imageName": v.obs_id,
+                        "exposureTime": v.exp_time_s,
+                        "visit": _visit_payload(p),
+                    },
                 )
             else:
                 futures = pending.pop(v.obs_id)
@@ -352,9 +360,7 @@ async def run_night(
                 exp_bytes = sum(o[2] for o in outs)
                 exp_rows = [row for o in outs for row in o[1]]
                 exp_render = sum(o[3] for o in outs)
-                daq.complete(
-                    v, dets[v.instrument], [m.detector for m in manifests], ev.mjd
-                )
+                daq.complete(v, dets[v.instrument], [m.detector for m in manifests], ev.mjd)
                 await publish(
                     camera,
                     "endReadout",

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import date, timedelta
+from functools import lru_cache
 
 import numpy as np
 from astropy import units as u
@@ -88,7 +88,11 @@ LSSTCAM_FILTERS = {
 LATISS_DISPERSED = "empty~holo4_003"
 """LATISS physical filter for spectroscopy (no filter, holographic disperser)."""
 
-LATISS_STANDARDS = {"HD 38666": (86.5, -32.3), "HD 185975": (308.8, -87.5), "HD 14943": (35.5, -51.2)}
+LATISS_STANDARDS = {
+    "HD 38666": (86.5, -32.3),
+    "HD 185975": (308.8, -87.5),
+    "HD 14943": (35.5, -51.2),
+}
 """Spectrophotometric standard stars LATISS observes (ra, dec)."""
 
 type ConditionsModel = Callable[[VisitSpec, int], ObservingConditions]
