@@ -25,11 +25,11 @@ from functools import lru_cache
 
 import numpy as np
 from astropy import units as u
-from astropy.coordinates import AltAz, EarthLocation, SkyCoord, get_body, get_sun
+from astropy.coordinates import AltAz, SkyCoord, get_sun
 from astropy.time import Time
-from astropy.utils import iers
 
 from ldf.errors import UserInputError
+from ldf.sim.conditions import RUBIN_SITE, moon_illumination
 from ldf.sim.models import ObservingConditions, ObsType, VisitSpec
 
 __all__ = [
@@ -41,12 +41,6 @@ __all__ = [
     "PlannedExposure",
     "plan_night",
 ]
-
-# The bundled IERS tables are enough for pointing a simulator; never try the network.
-iers.conf.auto_download = False
-
-RUBIN_SITE = EarthLocation.from_geodetic(-70.749417 * u.deg, -30.244639 * u.deg, 2663 * u.m)
-"""Simonyi Survey Telescope, Cerro Pachón."""
 
 NEXT_VISIT_LEAD_S = 25.0
 """Simulated seconds between nextVisit and the start of the exposure (Rubin: ≥ 20 s)."""
@@ -270,12 +264,6 @@ def _band_for(moon_illum: float, rng: np.random.Generator) -> str:
     return str(rng.choice(bands, p=weights))
 
 
-def _moon_illumination(mjd: float) -> float:
-    t = Time(mjd, format="mjd", scale="tai")
-    elong = get_sun(t).separation(get_body("moon", t)).rad
-    return float((1 - math.cos(elong)) / 2)
-
-
 def plan_night(
     instrument: str = "LSSTCam",
     *,
@@ -391,7 +379,7 @@ def _lsstcam_science(
         k = min(block, (n_wfd - done + 1) // 2) or 1
         lst = _lst_deg(clock.mjd)
         fields = _wfd_fields(lst, k, rng)
-        band = _band_for(_moon_illumination(clock.mjd), rng)
+        band = _band_for(moon_illumination(clock.mjd), rng)
         group = f"{clock.day_obs}-wfd-{block_no:03d}"
         for repeat in range(2):
             for ra, dec in fields:
