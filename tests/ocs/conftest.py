@@ -7,42 +7,18 @@ from one factory stand for two processes, e.g. a device and a controller.
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
+from tests.engines import NATS_URL, require_nats
 
 from ldf.ocs.bus import Bus
 from ldf.ocs.bus_embedded import EmbeddedBus
 from ldf.ocs.bus_nats import NatsBus
 
-NATS_URL = os.environ.get("LDF_TEST_NATS_URL", "nats://127.0.0.1:4222")
-"""The NATS JetStream server the nats-marked tests use."""
-
 BusFactory = Callable[[], Awaitable[Bus]]
-
-
-def _nats_reachable() -> bool:
-    url = urlparse(NATS_URL)
-    try:
-        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 4222), 1):
-            return True
-    except OSError:
-        return False
-
-
-def require_nats() -> None:
-    """Skip (or fail, with LDF_REQUIRE_ENGINES=1) when the NATS server is unreachable."""
-    if _nats_reachable():
-        return
-    reason = f"NATS server not reachable at {NATS_URL}"
-    if os.environ.get("LDF_REQUIRE_ENGINES") == "1":
-        pytest.fail(reason + " (LDF_REQUIRE_ENGINES=1)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(params=["embedded", pytest.param("nats", marks=pytest.mark.nats)])

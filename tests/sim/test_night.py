@@ -169,3 +169,40 @@ def test_science_visits_have_science_obs_type(tmp_path: Path) -> None:
     daq = DaqStore(tmp_path / "daq")
     science = [e for e in daq.exposures("LSSTCam", 20261121) if e.visit.obs_type is ObsType.SCIENCE]
     assert len(science) == summary.instruments["LSSTCam"].by_type["science"]
+
+
+@pytest.mark.nats
+async def test_night_over_nats_jetstream(tmp_path: Path) -> None:
+    """The same night on the scale-out bus: a subscriber sees every camera event."""
+    import uuid
+
+    from tests.engines import NATS_URL, require_nats
+
+    from ldf.ocs.bus import open_bus
+
+    require_nats()
+    prefix = f"T{uuid.uuid4().hex[:12]}"
+    settings = load_settings(home=tmp_path / "home", bus={"url": NATS_URL, "stream_prefix": prefix})
+    opts = NightOptions(
+        day_obs=20261121, visits=2, seed=3, scale=0.1, detectors=1, latiss_visits=0,
+        instruments=("LSSTCam",), calibrations=False, workers=0,
+    )  # fmt: skip
+    listener = await open_bus(settings.bus, settings.home)
+    try:
+        async with listener.subscribe("ocs.MTCamera.evt.endReadout") as sub:
+            async with Observatory.open(settings, ("LSSTCam",)) as obs:
+                summary = await run_night(
+                    opts, DaqStore(tmp_path / "daq"), tmp_path / "sim", sink=obs.publish
+                )
+            got = [await sub.get(timeout=10) for _ in range(2)]
+        assert [m.payload["imageName"] for m in got] == [
+            "MC_O_20261121_000001",
+            "MC_O_20261121_000002",
+        ]
+        assert summary.instruments["LSSTCam"].exposures == 2
+        status = await listener.last("ocs.MTCamera.evt.summaryState")
+        assert status is not None
+        assert status.payload["state"] == "OFFLINE"
+    finally:
+        await listener.js.delete_stream(listener.stream)  # type: ignore[attr-defined]
+        await listener.close()

@@ -162,7 +162,9 @@ class SimSettings(_Strict):
     )
     visits: int = Field(default=12, ge=0, description="Science visits in a default night.")
     detectors: int | None = Field(
-        default=4, ge=1, description="Science detectors per LSSTCam visit (None: all 189)."
+        default=9,
+        ge=1,
+        description="Science CCDs per LSSTCam visit, nearest the centre (9: raft R22; None: all).",
     )
     day_obs: int = Field(default=20261121, description="Observing day (YYYYMMDD, Rubin's).")
 
@@ -273,6 +275,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
+        # Services may change directory; keep every embedded path absolute.
+        self.home = self.home.expanduser().absolute()
         if not self.sites:
             self.sites = {
                 name: Site(
