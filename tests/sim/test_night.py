@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from ldf.sim.night import NightOptions, detectors_for, run_night
 OPTS = NightOptions(
     day_obs=20261121, visits=4, seed=42, scale=0.12, detectors=2, latiss_visits=1, workers=0
 )
+TINY = NightOptions(
+    day_obs=20261121, visits=1, seed=7, scale=0.1, detectors=1, latiss_visits=0,
+    instruments=("LSSTCam",), calibrations=False, workers=0,
+)  # fmt: skip
+"""One LSSTCam CCD, no calibrations: the smallest night."""
 
 
 def _night(tmp: Path, options: NightOptions = OPTS, sink: Any = None) -> Any:
@@ -87,25 +93,19 @@ def test_truth_table_and_plan_written(tmp_path: Path) -> None:
 
 
 def test_same_seed_identical_bytes_other_seed_differs(tmp_path: Path) -> None:
-    opts = NightOptions(
-        day_obs=20261121, visits=1, seed=7, scale=0.1, detectors=1, latiss_visits=0,
-        instruments=("LSSTCam",), calibrations=False, workers=0,
-    )  # fmt: skip
+    opts = replace(TINY, visits=1, seed=7, detectors=1)
     _night(tmp_path / "a", opts)
     _night(tmp_path / "b", opts)
-    _night(tmp_path / "c", NightOptions(**{**opts.__dict__, "seed": 8}))
+    _night(tmp_path / "c", replace(opts, seed=8))
     a, b, c = (_digest(tmp_path / x / "daq") for x in "abc")
     assert a == b
     assert a != c
 
 
 def test_worker_pool_gives_the_same_bytes_as_in_process(tmp_path: Path) -> None:
-    opts = NightOptions(
-        day_obs=20261121, visits=2, seed=9, scale=0.1, detectors=2, latiss_visits=0,
-        instruments=("LSSTCam",), calibrations=False, workers=0,
-    )  # fmt: skip
+    opts = replace(TINY, visits=2, seed=9, detectors=2)
     _night(tmp_path / "serial", opts)
-    _night(tmp_path / "pool", NightOptions(**{**opts.__dict__, "workers": 2}))
+    _night(tmp_path / "pool", replace(opts, workers=2))
     assert _digest(tmp_path / "serial" / "daq") == _digest(tmp_path / "pool" / "daq")
 
 
@@ -123,16 +123,13 @@ def test_bad_options(tmp_path: Path, change: dict[str, Any], message: str) -> No
     from ldf.errors import UserInputError
 
     with pytest.raises(UserInputError, match=message):
-        _night(tmp_path, NightOptions(**{**OPTS.__dict__, **change}))
+        _night(tmp_path, replace(OPTS, **change))
 
 
 async def test_disabled_camera_pauses_the_night(tmp_path: Path) -> None:
     """An operator disabling the camera stops exposures until it is enabled again."""
     settings = load_settings(home=tmp_path / "home")
-    opts = NightOptions(
-        day_obs=20261121, visits=2, seed=3, scale=0.1, detectors=1, latiss_visits=0,
-        instruments=("LSSTCam",), calibrations=False, workers=0,
-    )  # fmt: skip
+    opts = replace(TINY, visits=2, seed=3, detectors=1)
     async with Observatory.open(settings, ("LSSTCam",)) as obs:
         camera = obs.devices["MTCamera"]
         await camera.execute("disable")
@@ -183,10 +180,7 @@ async def test_night_over_nats_jetstream(tmp_path: Path) -> None:
     require_nats()
     prefix = f"T{uuid.uuid4().hex[:12]}"
     settings = load_settings(home=tmp_path / "home", bus={"url": NATS_URL, "stream_prefix": prefix})
-    opts = NightOptions(
-        day_obs=20261121, visits=2, seed=3, scale=0.1, detectors=1, latiss_visits=0,
-        instruments=("LSSTCam",), calibrations=False, workers=0,
-    )  # fmt: skip
+    opts = replace(TINY, visits=2, seed=3, detectors=1)
     listener = await open_bus(settings.bus, settings.home)
     try:
         async with listener.subscribe("ocs.MTCamera.evt.endReadout") as sub:
