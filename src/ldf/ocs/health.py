@@ -2,12 +2,16 @@
 
 ``health_app(devices)`` is a FastAPI app with ``/health`` (JSON; HTTP 503 when any device
 is in FAULT) and ``/metrics`` (Prometheus text, the metrics of every device's registry
-merged). Services mount it or serve it as is.
+merged). Services mount it in their own app, or run it with `serve_health` beside their
+work (``ldf night --http-port``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Response
@@ -16,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ldf.errors import TransportError
 from ldf.ocs.device import Device
 
-__all__ = ["health_app", "health_report", "metrics_text"]
+__all__ = ["health_app", "health_report", "metrics_text", "serve_health"]
 
 
 class _Merged(Collector):
@@ -77,3 +82,41 @@ def health_app(devices: Iterable[Device], *, title: str = "ldf device health") -
         return Response(metrics_text(devs), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+@contextlib.asynccontextmanager
+async def serve_health(
+    devices: Iterable[Device], *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve `health_app` over HTTP while the context is open; yields the base URL.
+
+    Runs uvicorn in this event loop (no extra process). ``port=0`` picks a free port.
+
+    Raises
+    ------
+    TransportError
+        The address cannot be bound (e.g. the port is taken).
+    """
+    import uvicorn
+
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise TransportError(f"cannot serve health on {host}:{port}: {exc.strerror}") from None
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        health_app(devices), log_level="warning", access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="health http")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped the server
+            await asyncio.sleep(0.01)
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()

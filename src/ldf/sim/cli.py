@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -27,6 +29,10 @@ Scale = Annotated[
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed of sky, plan and noise.")]
 DayObs = Annotated[int | None, typer.Option("--day-obs", help="Observing day YYYYMMDD.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+HttpPort = Annotated[
+    int | None,
+    typer.Option("--http-port", help="Serve /health and /metrics of the devices (0: any port)."),
+]
 
 
 def _options(
@@ -55,7 +61,10 @@ def _options(
     )
 
 
-async def _simulate(settings: Settings, options: Any, quiet: bool) -> Any:
+async def _simulate(
+    settings: Settings, options: Any, quiet: bool, http_port: int | None = None
+) -> Any:
+    from ldf.ocs.health import serve_health
     from ldf.sim.daq import DaqStore
     from ldf.sim.devices import Observatory
     from ldf.sim.night import run_night
@@ -79,7 +88,13 @@ async def _simulate(settings: Settings, options: Any, quiet: bool) -> Any:
     def on_exposure(r: Any) -> None:
         progress.update(task, advance=r.detectors, obs_id=r.obs_id)
 
-    async with Observatory.open(settings, options.instruments) as obs:
+    async with contextlib.AsyncExitStack() as stack:
+        obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
+        if http_port is not None:
+            url = await stack.enter_async_context(
+                serve_health(list(obs.devices.values()), port=http_port)
+            )
+            err_console.print(f"health: {url}/health · metrics: {url}/metrics")
         with progress:
             return await run_night(
                 options,
@@ -131,6 +146,7 @@ def sim_night(
         bool, typer.Option("--realtime", help="Run on the simulated clock.")
     ] = False,
     speed: Annotated[float, typer.Option("--speed", help="Real-time acceleration.")] = 1.0,
+    http_port: HttpPort = None,
     as_json: Json = False,
 ) -> None:
     """Simulate a night of exposures into the camera DAQ, with its truth table."""
@@ -147,7 +163,7 @@ def sim_night(
         realtime=realtime,
         speed=speed,
     )
-    summary = asyncio.run(_simulate(settings, options, quiet=as_json))
+    summary = asyncio.run(_simulate(settings, options, quiet=as_json, http_port=http_port))
     if as_json:
         print_json(summary.model_dump(mode="json"))
     else:
@@ -198,13 +214,52 @@ def night(
     detectors: Detectors = None,
     scale: Scale = None,
     seed: Seed = None,
+    http_port: HttpPort = None,
     as_json: Json = False,
 ) -> None:
     """Run an observing night through the facility (today: the simulated observatory)."""
     settings = settings_from(ctx)
     options = _options(settings, visits, detectors, scale, seed, None)
-    summary = asyncio.run(_simulate(settings, options, quiet=as_json))
+    summary = asyncio.run(_simulate(settings, options, quiet=as_json, http_port=http_port))
     if as_json:
         print_json({"sim": summary.model_dump(mode="json")})
     else:
         _print_summary(summary)
+
+
+@app.command("quicklook")
+def sim_quicklook(
+    ctx: typer.Context,
+    obs_id: Annotated[str, typer.Argument(help="Exposure, e.g. MC_O_20261121_000013.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write.")] = None,
+    detector: Annotated[
+        str | None, typer.Option("--detector", help="One detector (default: the mosaic).")
+    ] = None,
+    scale: Scale = None,
+    no_truth: Annotated[bool, typer.Option("--no-truth", help="Don't circle truth.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Draw an exposure from the camera DAQ as a PNG (truth sources circled)."""
+    from ldf.errors import UserInputError
+    from ldf.sim.daq import DaqStore
+    from ldf.sim.instruments import get_instrument
+    from ldf.sim.models import OBS_ID_PREFIX
+    from ldf.sim.quicklook import quicklook
+
+    settings = settings_from(ctx)
+    parts = obs_id.split("_")
+    codes = {code: name for name, code in OBS_ID_PREFIX.items()}
+    if len(parts) != 4 or parts[0] not in codes or not parts[2].isdigit():
+        raise UserInputError(f"not an obs_id: {obs_id!r} (expected e.g. MC_O_20261121_000013)")
+    name, day_obs = codes[parts[0]], int(parts[2])
+    inst = get_instrument(name, scale=settings.sim.scale if scale is None else scale)
+    target = out or Path(f"{obs_id}{'_' + detector if detector else ''}.png")
+    truth = None if no_truth else settings.home / "sim" / name / str(day_obs) / "truth.ecsv"
+    path = quicklook(
+        DaqStore(settings.home / "daq"), inst, day_obs, obs_id, target,
+        detector=detector, truth_table=truth,
+    )  # fmt: skip
+    if as_json:
+        print_json({"obs_id": obs_id, "png": str(path)})
+    else:
+        console.print(f"wrote {path}")
