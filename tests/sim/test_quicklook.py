@@ -103,7 +103,8 @@ async def test_health_and_metrics_served_over_http(tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path / "home")
     async with (
         Observatory.open(settings, ("LSSTCam",)) as obs,
-        serve_health(list(obs.devices.values())) as url,httpx.AsyncClient() as client
+        serve_health(list(obs.devices.values())) as url,
+        httpx.AsyncClient() as client,
     ):
         health = await client.get(f"{url}/health")
         metrics = await client.get(f"{url}/metrics")
@@ -115,9 +116,7 @@ async def test_health_and_metrics_served_over_http(tmp_path: Path) -> None:
         await obs.devices["MTCamera"].fault(42, "shutter stuck")
         sick = await client.get(f"{url}/health")
         assert sick.status_code == 503
-        assert any(
-            d["errorCode"] == 42 for d in sick.json()["devices"] if d["name"] == "MTCamera"
-        )
+        assert any(d["errorCode"] == 42 for d in sick.json()["devices"] if d["name"] == "MTCamera")
 
 
 async def test_health_port_taken_is_a_clear_error(tmp_path: Path) -> None:
