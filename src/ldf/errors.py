@@ -12,6 +12,9 @@ Hierarchy (each user-facing error also inherits the matching builtin, as daf_but
     ├── TransportError(ConnectionError)  a bus, database or remote service could not be reached
     │   └── CommandTimeoutError(TimeoutError)  a command got no acknowledgement in time
     └── StorageError(OSError)         reading or writing storage failed (disk full, permissions)
+        ├── StorageFullError          no space left at a destination
+        ├── ChecksumMismatchError     bytes differ from their recorded checksum
+        └── StagingRequiredError      a nearline file must be staged before it is read
 
 The CLI turns any ``LdfError`` into one line on stderr (``error: <message>``) and an exit code:
 2 for ``UserInputError``, 1 otherwise. Messages never contain secrets.
@@ -101,3 +104,21 @@ class StorageError(LdfError, OSError):
     """Reading or writing storage failed."""
 
     code = "storage_error"
+
+
+class StorageFullError(StorageError):
+    """No space left on the destination; nothing was left half-written."""
+
+    code = "storage_full"
+
+
+class ChecksumMismatchError(StorageError):
+    """Bytes read or written differ from their recorded checksum."""
+
+    code = "checksum_mismatch"
+
+
+class StagingRequiredError(StorageError):
+    """A file on a nearline (tape-like) endpoint must be staged before it can be read."""
+
+    code = "staging_required"
