@@ -17,3 +17,12 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     home = tmp_path / "ldf-home"
     monkeypatch.setenv("LDF_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards); skips when the server is absent."""
+    from tests.engines import scratch_postgres
+
+    with scratch_postgres() as url:
+        yield url

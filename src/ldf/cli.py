@@ -44,6 +44,7 @@ app.add_typer(config_app, name="config")
 def _register_subapps() -> None:
     # Sub-app modules import only typer and rich at module level; heavy imports (numpy,
     # astropy, nats) happen inside commands, so `ldf --help` stays fast.
+    from ldf.backbone.cli import app as backbone_app
     from ldf.bench import app as bench_app
     from ldf.ocs.cli import app as ocs_app
     from ldf.sim.cli import app as sim_app
@@ -52,6 +53,10 @@ def _register_subapps() -> None:
     app.command("night")(night_cmd)
     app.add_typer(sim_app, name="sim")
     app.add_typer(ocs_app, name="ocs")
+    app.add_typer(backbone_app, name="backbone")
+    from ldf.serve import app as serve_app
+
+    app.add_typer(serve_app, name="serve")
     app.add_typer(bench_app, name="bench")
 
 

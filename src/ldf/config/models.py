@@ -90,6 +90,14 @@ class Site(_Strict):
     endpoints: list[Endpoint] = Field(
         default_factory=list, min_length=1, description="Storage endpoints at this site."
     )
+    butler: str | None = Field(
+        default=None,
+        description="Root of the site's Butler repository (None: $LDF_HOME/butler/<site>).",
+    )
+    butler_db: str | None = Field(
+        default=None,
+        description="Registry database URL of that repository (None: SQLite inside it).",
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -185,8 +193,57 @@ class OodsPolicy(_Policy):
     """OODS cache policies (LDM-230 2.6)."""
 
 
+class TableReplication(_Strict):
+    """A database whose tables are replicated to other sites as consistent snapshots."""
+
+    role: str = Field(description="Database role (see `databases`), e.g. 'catalog'.")
+    sites: list[str] = Field(min_length=1, description="Sites that receive the snapshots.")
+
+
 class BackbonePolicy(_Policy):
     """Data Backbone replication and retention policies (LDM-230 5.1)."""
+
+    ingest_site: str = Field(default="base", description="Site new files land at by default.")
+    transfer_workers: int = Field(default=4, ge=1, description="Parallel copies per daemon.")
+    link_mbps: dict[str, float] = Field(
+        default_factory=dict,
+        description="Bandwidth limit per link, 'src->dst' (site names) → megabits per second.",
+    )
+    max_attempts: int = Field(default=8, ge=1, description="Attempts before a transfer fails.")
+    retry_base_s: float = Field(default=2.0, gt=0, description="First retry delay (doubles).")
+    retry_max_s: float = Field(default=600.0, gt=0, description="Longest retry delay.")
+    lease_s: float = Field(
+        default=600.0, gt=0, description="A claimed transfer returns to the queue after this."
+    )
+    poll_s: float = Field(default=0.5, gt=0, description="Daemon's queue polling interval.")
+    audit_interval_s: float = Field(default=3600.0, gt=0, description="Daemon's audit cadence.")
+    audit_checksums: bool = Field(
+        default=False, description="Daemon audits re-checksum contents (else sizes only)."
+    )
+    dark_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="A file on storage but not in the catalog is dark only once this old.",
+    )
+    scratch_lifetime_days: float = Field(
+        default=30.0, gt=0, description="Default lifetime of scratch files."
+    )
+    butler: bool = Field(
+        default=True, description="Register raw files in each site's Butler repository."
+    )
+    tables: list[TableReplication] = Field(
+        default_factory=list, description="Databases replicated as snapshots."
+    )
+
+    @field_validator("link_mbps")
+    @classmethod
+    def _links(cls, value: dict[str, float]) -> dict[str, float]:
+        for link, mbps in value.items():
+            if link.count("->") != 1 or not all(link.split("->")):
+                raise ValueError(f"link {link!r} must be 'source->destination'")
+            if mbps <= 0:
+                raise ValueError(f"link {link!r}: bandwidth must be > 0")
+        return value
 
 
 class AlertsPolicy(_Policy):
