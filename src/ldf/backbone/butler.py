@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["register_raw", "repo_for", "unregister_raw"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()
+"""Serializes Butler registry writes from the transfer threads (re-entrant: `repo_for` is
+called with it held)."""
 
 
 def repo_for(bb: Backbone, site: str) -> ButlerRepo:
@@ -51,8 +53,9 @@ def register_raw(bb: Backbone, file: LogicalFile, site: str, ep: StorageEndpoint
 
     path = _local_path(ep.uri(file.lfn))
     record = RawRecord.from_file(path)
+    repo = repo_for(bb, site)
     with _lock:
-        repo_for(bb, site).ingest_raws([record], transfer="direct")
+        repo.ingest_raws([record], transfer="direct")
     return True
 
 
@@ -70,6 +73,7 @@ def unregister_raw(bb: Backbone, file: LogicalFile) -> int:
         root = bb.settings.sites[site].butler or str(bb.settings.home / "butler" / site)
         if not Path(root, "butler.yaml").exists() and site not in bb._butlers:
             continue
+        repo = repo_for(bb, site)
         with _lock:
-            removed += repo_for(bb, site).remove_raws(instrument, exposure, [detector])
+            removed += repo.remove_raws(instrument, exposure, [detector])
     return removed

@@ -82,7 +82,7 @@ def sites(ctx: typer.Context, as_json: Json = False) -> None:
                     "site": ep.site,
                     "endpoint": ep.name,
                     "tier": ep.tier.value,
-                    "uri": ep.uri(""),
+                    "uri": ep.root_uri,
                     "free_bytes": ep.free_bytes(),
                     "replicas": sum(s["replicas"] for s in avail),
                     "bytes": sum(s["bytes"] for s in avail),

@@ -217,6 +217,11 @@ class StorageEndpoint(ABC):
     def uri(self, lfn: str) -> str:
         """The URI of ``lfn`` at this endpoint (the file need not exist)."""
 
+    @property
+    @abstractmethod
+    def root_uri(self) -> str:
+        """The URI of the endpoint's root."""
+
     @abstractmethod
     def put(
         self,
@@ -323,6 +328,11 @@ class PosixEndpoint(StorageEndpoint):
     def uri(self, lfn: str) -> str:
         """``file://`` URI of ``lfn`` (the file need not exist)."""
         return self._path(lfn).as_uri()
+
+    @property
+    def root_uri(self) -> str:
+        """``file://`` URI of the root directory."""
+        return self.root.as_uri()
 
     # -- writing -------------------------------------------------------------------------
 

@@ -117,8 +117,9 @@ def amp_name(header: fits.Header) -> str:
     if "AMPNAME" in header:
         return str(header["AMPNAME"])
     extname = str(header.get("EXTNAME", ""))
-    if extname.startswith("Segment"):
-        return "C" + extname.removeprefix("Segment")
+    # Case-insensitive: astropy upper-cases EXTNAME when it is given as an HDU's name.
+    if extname.lower().startswith("segment"):
+        return "C" + extname[len("segment") :]
     return extname
 
 
