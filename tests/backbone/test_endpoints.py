@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from ldf.backbone import endpoints as ep
 from ldf.backbone.checksums import Checksums, checksum_bytes
 from ldf.backbone.endpoints import (
-    NearlineEndpoint,
     PosixEndpoint,
     copy_file,
     open_endpoint,
     validate_lfn,
 )
+from ldf.backbone.nearline import NearlineEndpoint
 from ldf.backbone.ratelimit import RateLimiter
 from ldf.config.models import Endpoint, Tier
 from ldf.errors import (

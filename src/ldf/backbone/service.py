@@ -23,13 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ldf.backbone.checksums import Checksums, checksum_file
-from ldf.backbone.endpoints import (
-    NearlineEndpoint,
-    StorageEndpoint,
-    copy_file,
-    open_endpoint,
-    validate_lfn,
-)
+from ldf.backbone.endpoints import StorageEndpoint, copy_file, open_endpoint, validate_lfn
 from ldf.backbone.models import (
     FileState,
     IngestResult,
@@ -40,6 +34,7 @@ from ldf.backbone.models import (
     Rule,
     Transfer,
 )
+from ldf.backbone.nearline import NearlineEndpoint
 from ldf.backbone.ratelimit import RateLimiter
 from ldf.backbone.storage import CatalogStore
 from ldf.config import Settings, Tier
