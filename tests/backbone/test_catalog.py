@@ -351,3 +351,25 @@ def test_status_summaries(bb: Backbone, make_file: MakeFile) -> None:
     }
     assert summary == {("archive", "available"): (1, 1000), ("base", "available"): (1, 1000)}
     assert bb.store.file_counts() == {"active": 1}
+
+
+def test_datasets_and_provenance(bb: Backbone, make_file: MakeFile) -> None:
+    src = make_file("a")
+    bb.ingest(src, "d/a", site="base", datasets=["night-20261121"], producer="archiver")
+    bb.ingest(
+        make_file("calexp"),
+        "d/calexp",
+        site="base",
+        inputs=["d/a"],
+        producer="w42",
+        datasets=["w42"],
+    )
+    # The same file joins a second dataset: ingest stays a no-op for the content.
+    again = bb.ingest(src, "d/a", site="base", datasets=["dr1-input"])
+    assert not again.created
+    assert bb.store.get_file("d/a").datasets == ["dr1-input", "night-20261121"]  # type: ignore[union-attr]
+    assert bb.store.dataset_files("night-20261121") == ["d/a"]
+    assert bb.store.dataset_files("dr1-input") == ["d/a"]
+    calexp = bb.store.get_file("d/calexp")
+    assert calexp is not None
+    assert (calexp.inputs, calexp.producer) == (["d/a"], "w42")

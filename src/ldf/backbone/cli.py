@@ -116,7 +116,10 @@ def ingest(
     endpoint: Annotated[str | None, typer.Option("--endpoint")] = None,
     meta: Annotated[list[str], typer.Option("--meta", "-m", help="key=value metadata.")] = [],  # noqa: B006
     dataset: Annotated[list[str], typer.Option("--dataset", help="Dataset(s) to add to.")] = [],  # noqa: B006
-    producer: Annotated[str, typer.Option("--producer")] = "",
+    producer: Annotated[str, typer.Option("--producer", help="Producing service/campaign.")] = "",
+    inputs: Annotated[
+        list[str], typer.Option("--input", help="LFN this file was made from (provenance).")
+    ] = [],  # noqa: B006
     retention: Annotated[
         str, typer.Option("--retention", help="permanent|scratch|campaign")
     ] = "permanent",
@@ -146,7 +149,7 @@ def ingest(
             name = lfn or "/".join(p for p in (prefix.strip("/"), path.name) if p)
             r = bb.ingest(
                 path, name, site=site, endpoint=endpoint, metadata=metadata, producer=producer,
-                datasets=dataset, retention=ret,
+                inputs=inputs, datasets=dataset, retention=ret,
                 lifetime_s=lifetime_days * 86400 if lifetime_days else None,
             )  # fmt: skip
             results.append(r.model_dump(mode="json"))
@@ -180,14 +183,19 @@ def _print_files(files: list[Any]) -> None:
 def ls(
     ctx: typer.Context,
     prefix: Annotated[str, typer.Argument(help="LFN prefix.")] = "",
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only this dataset.")] = None,
     limit: Annotated[int, typer.Option("--limit")] = 100,
     as_json: Json = False,
 ) -> None:
-    """List catalogued files under an LFN prefix."""
+    """List catalogued files under an LFN prefix (or of a dataset)."""
     import itertools
 
     with _backbone(ctx) as bb:
-        files = list(itertools.islice(bb.store.iter_files(prefix=prefix or None), limit))
+        if dataset is not None:
+            lfns = [n for n in bb.store.dataset_files(dataset) if n.startswith(prefix)]
+            files = [f for n in lfns[:limit] if (f := bb.store.get_file(n)) is not None]
+        else:
+            files = list(itertools.islice(bb.store.iter_files(prefix=prefix or None), limit))
     if as_json:
         print_json(_file_rows(files))
     else:
