@@ -182,7 +182,28 @@ class _Policy(_Strict):
 
 
 class ArchiverPolicy(_Policy):
-    """Archiving policies (LDM-230 2.2.3.2.1)."""
+    """Archiving policies (LDM-230 2.2.3.2.1); an operator may change them by OCS command."""
+
+    oods_only: list[str] = Field(
+        default_factory=lambda: ["engtest"],
+        description="Observation types written to the OODS only, never to the permanent "
+        "archive (e.g. engtest, smoke tests, one-off calibrations).",
+    )
+    backlog_order: Literal["oldest-first", "newest-first", "science-first"] = Field(
+        default="oldest-first", description="Order in which a backlog is archived."
+    )
+    catchup_factor: float = Field(
+        default=2.0, ge=1.0, description="Catch-up rate after an outage, × nominal frame rate."
+    )
+    rate_limit_mbps: float | None = Field(
+        default=None, gt=0, description="Bandwidth cap of the archiver's writes (megabits/s)."
+    )
+    missing_detector_timeout_s: float = Field(
+        default=30.0, gt=0, description="Alarm when a detector is still missing after this."
+    )
+    compress: bool = Field(default=False, description="Tile-compress (RICE) the raw FITS files.")
+    workers: int = Field(default=2, ge=1, description="Parallel detector writers per archiver.")
+    backbone_site: str = Field(default="base", description="Site the archiver ingests into.")
 
 
 class PromptPolicy(_Policy):
@@ -191,6 +212,21 @@ class PromptPolicy(_Policy):
 
 class OodsPolicy(_Policy):
     """OODS cache policies (LDM-230 2.6)."""
+
+    root: str | None = Field(default=None, description="Cache root (None: $LDF_HOME/oods).")
+    retention_days: dict[str, float] = Field(
+        default_factory=lambda: {"raw": 7.0},
+        description="Days kept per dataset type, or per 'instrument/dataset_type' (wins).",
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="File of accepted bearer tokens, one per line (None: $LDF_HOME/oods/tokens).",
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    port: int = Field(default=8021, ge=0, le=65535, description="HTTP port (0: any free port).")
+    read_lease_s: float = Field(
+        default=300.0, gt=0, description="A download in progress protects its file this long."
+    )
 
 
 class TableReplication(_Strict):
