@@ -46,9 +46,9 @@ def _register_subapps() -> None:
     # astropy, nats) happen inside commands, so `ldf --help` stays fast.
     from ldf.backbone.cli import app as backbone_app
     from ldf.bench import app as bench_app
+    from ldf.night import night as night_cmd
     from ldf.ocs.cli import app as ocs_app
     from ldf.sim.cli import app as sim_app
-    from ldf.sim.cli import night as night_cmd
 
     app.command("night")(night_cmd)
     app.add_typer(sim_app, name="sim")

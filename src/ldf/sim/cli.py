@@ -35,7 +35,7 @@ HttpPort = Annotated[
 ]
 
 
-def _options(
+def options_from(
     settings: Settings,
     visits: int | None,
     detectors: int | None,
@@ -61,15 +61,8 @@ def _options(
     )
 
 
-async def _simulate(
-    settings: Settings, options: Any, quiet: bool, http_port: int | None = None
-) -> Any:
-    from ldf.ocs.health import serve_health
-    from ldf.sim.daq import DaqStore
-    from ldf.sim.devices import Observatory
-    from ldf.sim.night import run_night
-
-    daq = DaqStore(settings.home / "daq")
+def night_progress(quiet: bool) -> tuple[Progress, dict[str, Any]]:
+    """A progress bar over a night's detector files, and the callbacks that advance it."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -88,6 +81,20 @@ async def _simulate(
     def on_exposure(r: Any) -> None:
         progress.update(task, advance=r.detectors, obs_id=r.obs_id)
 
+    return progress, {"on_plan": on_plan, "on_exposure": on_exposure}
+
+
+async def _simulate(
+    settings: Settings, options: Any, quiet: bool, http_port: int | None = None
+) -> Any:
+    from ldf.ocs.health import serve_health
+    from ldf.sim.daq import DaqStore
+    from ldf.sim.devices import Observatory
+    from ldf.sim.night import run_night
+
+    daq = DaqStore(settings.home / "daq")
+    progress, callbacks = night_progress(quiet)
+
     async with contextlib.AsyncExitStack() as stack:
         obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
         if http_port is not None:
@@ -101,12 +108,11 @@ async def _simulate(
                 daq,
                 settings.home / "sim",
                 sink=obs.publish,
-                on_exposure=on_exposure,
-                on_plan=on_plan,
+                **callbacks,
             )
 
 
-def _print_summary(summary: Any) -> None:
+def print_summary(summary: Any) -> None:
     table = Table(
         title=f"Simulated night {summary.day_obs} (seed {summary.seed}, scale {summary.scale})"
     )
@@ -151,7 +157,7 @@ def sim_night(
 ) -> None:
     """Simulate a night of exposures into the camera DAQ, with its truth table."""
     settings = settings_from(ctx)
-    options = _options(
+    options = options_from(
         settings,
         visits,
         detectors,
@@ -167,7 +173,7 @@ def sim_night(
     if as_json:
         print_json(summary.model_dump(mode="json"))
     else:
-        _print_summary(summary)
+        print_summary(summary)
 
 
 @app.command("plan")
@@ -206,25 +212,6 @@ def sim_plan(
             f"{v.dec_deg:.2f}", f"{v.airmass:.3f}", seeing,
         )  # fmt: skip
     console.print(table)
-
-
-def night(
-    ctx: typer.Context,
-    visits: Visits = None,
-    detectors: Detectors = None,
-    scale: Scale = None,
-    seed: Seed = None,
-    http_port: HttpPort = None,
-    as_json: Json = False,
-) -> None:
-    """Run an observing night through the facility (today: the simulated observatory)."""
-    settings = settings_from(ctx)
-    options = _options(settings, visits, detectors, scale, seed, None)
-    summary = asyncio.run(_simulate(settings, options, quiet=as_json, http_port=http_port))
-    if as_json:
-        print_json({"sim": summary.model_dump(mode="json")})
-    else:
-        _print_summary(summary)
 
 
 @app.command("quicklook")

@@ -66,6 +66,9 @@ class ExposureManifest(BaseModel):
     expected: tuple[str, ...] = Field(description="Detectors the camera was asked to read.")
     detectors: tuple[str, ...] = Field(description="Detectors actually read out.")
     end_readout_tai_mjd: float
+    scale: float = Field(
+        default=1.0, description="Pixel scale of the simulated camera (1 = real LSSTCam size)."
+    )
 
 
 def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
@@ -127,7 +130,12 @@ class DaqStore:
         return manifest
 
     def complete(
-        self, visit: VisitSpec, expected: list[str], detectors: list[str], end_readout_mjd: float
+        self,
+        visit: VisitSpec,
+        expected: list[str],
+        detectors: list[str],
+        end_readout_mjd: float,
+        scale: float = 1.0,
     ) -> ExposureManifest:
         """Signal the end of readout: write ``exposure.json`` (last, atomically)."""
         d = self.exposure_dir(visit.instrument, visit.day_obs, visit.obs_id)
@@ -139,6 +147,7 @@ class DaqStore:
             expected=tuple(expected),
             detectors=tuple(detectors),
             end_readout_tai_mjd=end_readout_mjd,
+            scale=scale,
         )
         d.mkdir(parents=True, exist_ok=True)
         _atomic_write(
@@ -185,3 +194,40 @@ class DaqStore:
             start = seg.offset // raw.itemsize
             out[seg.name] = raw[start : start + seg.rows * seg.cols].reshape(seg.rows, seg.cols)
         return out
+
+    def has_detector(self, instrument: str, day_obs: int, obs_id: str, detector: str) -> bool:
+        """Whether a detector's readout is in the DAQ (e.g. one that arrived late)."""
+        return (self.exposure_dir(instrument, day_obs, obs_id) / f"{detector}.json").exists()
+
+    def salvage_detector(
+        self, instrument: str, day_obs: int, obs_id: str, detector: str
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Read what there is of a damaged readout: amplifiers and a list of problems.
+
+        A checksum mismatch keeps the pixels as read; a truncated file keeps the whole
+        amplifiers and zero-fills the rest (each named in the problems), so the archiver can
+        still archive the exposure with what is known, flagged.
+        """
+        d = self.exposure_dir(instrument, day_obs, obs_id)
+        try:
+            manifest = DetectorManifest.model_validate_json((d / f"{detector}.json").read_text())
+            raw = np.fromfile(d / f"{detector}.raw", dtype=np.dtype(manifest.dtype))
+        except FileNotFoundError:
+            raise NotFoundError(f"{obs_id} {detector}: not in the DAQ") from None
+        problems = []
+        if raw.nbytes != manifest.nbytes:
+            problems.append(f"readout truncated: {raw.nbytes} of {manifest.nbytes} bytes")
+        elif zlib.adler32(memoryview(raw).cast("B")) != manifest.adler32:
+            problems.append("readout checksum mismatch: pixel data corrupt")
+        out = {}
+        for seg in manifest.amps:
+            start = seg.offset // raw.itemsize
+            n = seg.rows * seg.cols
+            part = raw[start : start + n]
+            if part.size < n:
+                problems.append(
+                    f"amplifier {seg.name}: {part.size} of {n} pixels, rest zero-filled"
+                )
+                part = np.concatenate([part, np.zeros(n - part.size, dtype=raw.dtype)])
+            out[seg.name] = part.reshape(seg.rows, seg.cols)
+        return out, problems

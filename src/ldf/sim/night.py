@@ -360,7 +360,9 @@ async def run_night(
                 exp_bytes = sum(o[2] for o in outs)
                 exp_rows = [row for o in outs for row in o[1]]
                 exp_render = sum(o[3] for o in outs)
-                daq.complete(v, dets[v.instrument], [m.detector for m in manifests], ev.mjd)
+                daq.complete(
+                    v, dets[v.instrument], [m.detector for m in manifests], ev.mjd, options.scale
+                )
                 await publish(
                     camera,
                     "endReadout",

@@ -1,0 +1,206 @@
+"""``ldf night``: an observing night through the whole facility, the main job.
+
+Today: the simulated observatory (scheduler, cameras, DAQ) → the archivers (one OCS device
+per instrument) → the OODS (raw FITS at predictable paths, its Butler, HTTP) → the Data
+Backbone (catalogued at the base, replicated by rule to the archive and the DR site). The
+summary reports, per instrument, exposures and files archived, bytes, and the readout →
+in-OODS latency (p50/p99) of every detector file. Later services extend this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ldf.cliutil import console, err_console, print_json, settings_from
+from ldf.config import Settings
+from ldf.sim.cli import Detectors, HttpPort, Json, Scale, Seed, Visits
+
+__all__ = ["DEFAULT_RULES", "night", "run_facility_night"]
+
+DEFAULT_RULES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "raw-to-archive-and-dr",
+        "expression": "dataset_type == 'raw'",
+        "copies": 2,
+        "sites": ["archive", "dr"],
+        "priority": 1,
+    },
+)
+"""Replication rules a fresh facility starts with: every raw at the archive and the DR site."""
+
+
+def _ensure_rules(bb: Any) -> None:
+    from ldf.backbone.models import Rule
+
+    existing = {r.name for r in bb.store.rules(active_only=False)}
+    for spec in DEFAULT_RULES:
+        if spec["name"] not in existing and all(s in bb.settings.sites for s in spec["sites"]):
+            bb.add_rule(Rule.model_validate(spec))
+
+
+async def run_facility_night(
+    settings: Settings,
+    options: Any,
+    *,
+    progress: Any = None,
+    http_port: int | None = None,
+    on_status: Any = None,
+) -> dict[str, Any]:
+    """Run a simulated night through archivers, OODS and Backbone; return the summary."""
+    from ldf.archiver.device import ArchiverDevice
+    from ldf.archiver.service import Archiver
+    from ldf.backbone.service import Backbone
+    from ldf.ocs.health import serve_health
+    from ldf.sim.daq import DaqStore
+    from ldf.sim.devices import Observatory
+    from ldf.sim.night import run_night
+
+    bb = Backbone.open(settings)
+    _ensure_rules(bb)
+    stop_transfers = threading.Event()
+    transfers = threading.Thread(
+        target=bb.run_transfers,
+        kwargs={"until_idle": False, "stop": stop_transfers},
+        name="backbone-transfers",
+        daemon=True,
+    )
+    transfers.start()
+    archivers: list[ArchiverDevice] = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
+            for inst in options.instruments:
+                dev = ArchiverDevice(
+                    Archiver.open(inst, settings), obs.bus,
+                    heartbeat_interval_s=settings.bus.heartbeat_interval_s,
+                )  # fmt: skip
+                await dev.open()
+                await dev.execute("start")
+                await dev.execute("enable")
+                archivers.append(dev)
+            if http_port is not None:
+                url = await stack.enter_async_context(
+                    serve_health([*obs.devices.values(), *archivers], port=http_port)
+                )
+                if on_status:
+                    on_status(f"health: {url}/health · metrics: {url}/metrics")
+            sim = await run_night(
+                options,
+                DaqStore(settings.home / "daq"),
+                settings.home / "sim",
+                sink=obs.publish,
+                **(progress or {}),
+            )
+            if on_status:
+                on_status("archiving the last exposures…")
+            for dev in archivers:
+                expected = sim.instruments[dev.archiver.instrument].exposures
+                if not await dev.drain(exposures=expected) and on_status:
+                    on_status(f"{dev.name}: still busy after the drain timeout")
+            archive = {dev.archiver.instrument: dev.archiver.status() for dev in archivers}
+            for dev in archivers:
+                await dev.execute("disable")
+                await dev.execute("standby")
+                await dev.execute("exitControl")
+                await dev.close()
+                dev.archiver.close()
+            archivers = []
+        # Replication of the night's raws to the archive and DR sites finishes here.
+        if on_status:
+            on_status("replicating to the archive and DR sites…")
+        await asyncio.to_thread(_wait_transfers, bb)
+        return {
+            "sim": sim.model_dump(mode="json"),
+            "archive": archive,
+            "backbone": {
+                "files": bb.store.file_counts(),
+                "replicas": bb.store.replica_summary(),
+                "queue": bb.store.queue_counts(),
+            },
+        }
+    finally:
+        for dev in archivers:
+            with contextlib.suppress(Exception):
+                await dev.close()
+                dev.archiver.close()
+        stop_transfers.set()
+        transfers.join()
+        bb.close()
+
+
+def _wait_transfers(bb: Any, timeout_s: float = 600.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = bb.store.queue_counts()
+        if not counts.get("queued") and not counts.get("active"):
+            return
+        time.sleep(0.1)
+
+
+def night(
+    ctx: typer.Context,
+    visits: Visits = None,
+    detectors: Detectors = None,
+    scale: Scale = None,
+    seed: Seed = None,
+    http_port: HttpPort = None,
+    as_json: Json = False,
+) -> None:
+    """Run an observing night through the facility: camera → archivers → OODS → Backbone."""
+    from ldf.sim.cli import night_progress, options_from, print_summary
+
+    settings = settings_from(ctx)
+    options = options_from(settings, visits, detectors, scale, seed, None)
+    progress, callbacks = night_progress(as_json)
+
+    async def main() -> dict[str, Any]:
+        with progress:
+            return await run_facility_night(
+                settings,
+                options,
+                progress=callbacks,
+                http_port=http_port,
+                on_status=None if as_json else err_console.print,
+            )
+
+    summary = asyncio.run(main())
+    if as_json:
+        print_json(summary)
+        return
+    from ldf.sim.night import NightSummary
+
+    print_summary(NightSummary.model_validate(summary["sim"]))
+    table = Table(title="Archiving")
+    for col in ("instrument", "exposures", "files in OODS", "archived", "flagged", "MB",
+                "readout→OODS p50", "p99"):  # fmt: skip
+        table.add_column(col, justify="right" if col != "instrument" else "left")
+    for name, st in summary["archive"].items():
+        lat = st["latency_s"]
+        table.add_row(
+            name,
+            f"{st['exposures_complete']}/{st['exposures']}",
+            str(st["files_in_oods"]),
+            str(st["files_archived"]),
+            str(st["flagged"]),
+            f"{st['bytes'] / 1e6:.1f}",
+            f"{lat['p50']:.2f} s" if lat["p50"] is not None else "-",
+            f"{lat['p99']:.2f} s" if lat["p99"] is not None else "-",
+        )
+    console.print(table)
+    reps: dict[str, int] = {}
+    for r in summary["backbone"]["replicas"]:
+        if r["state"] == "available":
+            reps[r["site"]] = reps.get(r["site"], 0) + r["replicas"]
+    console.print(
+        "Backbone: "
+        + ", ".join(f"{site} {n} files" for site, n in sorted(reps.items()))
+        + f" · queue {summary['backbone']['queue']}"
+    )
