@@ -48,12 +48,14 @@ def _register_subapps() -> None:
     from ldf.bench import app as bench_app
     from ldf.night import night as night_cmd
     from ldf.ocs.cli import app as ocs_app
+    from ldf.oods.cli import app as oods_app
     from ldf.sim.cli import app as sim_app
 
     app.command("night")(night_cmd)
     app.add_typer(sim_app, name="sim")
     app.add_typer(ocs_app, name="ocs")
     app.add_typer(backbone_app, name="backbone")
+    app.add_typer(oods_app, name="oods")
     from ldf.serve import app as serve_app
 
     app.add_typer(serve_app, name="serve")

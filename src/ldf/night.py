@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -151,6 +151,10 @@ def night(
     detectors: Detectors = None,
     scale: Scale = None,
     seed: Seed = None,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="Run on the simulated clock.")
+    ] = False,
+    speed: Annotated[float, typer.Option("--speed", help="Real-time acceleration.")] = 1.0,
     http_port: HttpPort = None,
     as_json: Json = False,
 ) -> None:
@@ -158,7 +162,9 @@ def night(
     from ldf.sim.cli import night_progress, options_from, print_summary
 
     settings = settings_from(ctx)
-    options = options_from(settings, visits, detectors, scale, seed, None)
+    options = options_from(
+        settings, visits, detectors, scale, seed, None, realtime=realtime, speed=speed
+    )
     progress, callbacks = night_progress(as_json)
 
     async def main() -> dict[str, Any]:
@@ -195,6 +201,12 @@ def night(
             f"{lat['p99']:.2f} s" if lat["p99"] is not None else "-",
         )
     console.print(table)
+    if not options.realtime:
+        console.print(
+            "[dim]fast mode: the camera reads out far faster than the sky allows, so the "
+            "readout→OODS latency includes the queue behind it (use --realtime for the "
+            "operational figure)[/]"
+        )
     reps: dict[str, int] = {}
     for r in summary["backbone"]["replicas"]:
         if r["state"] == "available":

@@ -53,3 +53,48 @@ def serve_backbone(
         run_daemon(bb, stop, on_round=lambda s: err_console.print(f"maintenance: {s['audits']}"))
     finally:
         bb.close()
+
+
+@app.command("oods")
+def serve_oods(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option("--host", help="Listen address (policy).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (policy; 0: any).")] = None,
+    expire_every_s: Annotated[
+        float, typer.Option("--expire-every", min=1.0, help="Seconds between expiry runs.")
+    ] = 600.0,
+) -> None:
+    """Serve the OODS HTTP API (search, download, live arrivals) and expire periodically."""
+    import asyncio
+
+    from ldf.oods.daemon import run
+    from ldf.oods.service import Oods
+    from ldf.oods.tokens import ensure_token_file
+
+    oods = Oods.open(settings_from(ctx))
+    try:
+        if ensure_token_file(oods.token_path):
+            err_console.print(f"created an access token in {oods.token_path}")
+        else:
+            err_console.print(f"access tokens: {oods.token_path}")
+        asyncio.run(
+            run(
+                oods,
+                host=host or oods.policy.host,
+                port=oods.policy.port if port is None else port,
+                expire_interval_s=expire_every_s,
+                on_start=lambda url: err_console.print(
+                    f"OODS at {url}, cache {oods.root}; expiring every {expire_every_s:g} s"
+                ),
+                on_report=lambda r: (
+                    err_console.print(
+                        f"expiry: removed {r.removed} files, kept {r.kept_pinned} pinned, "
+                        f"{r.kept_leased} being read"
+                    )
+                    if r.removed or r.errors
+                    else None
+                ),
+            )
+        )
+    finally:
+        oods.close()

@@ -149,6 +149,7 @@ class Archiver:
     def close(self) -> None:
         """Release databases."""
         self.store.close()
+        self.oods.close()
         if self.backbone is not None:
             self.backbone.close()
 

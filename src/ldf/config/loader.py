@@ -72,7 +72,11 @@ def _env_for(loc: tuple[int | str, ...]) -> str | None:
 
 
 def _problems(
-    exc: ValidationError, path: Path | None, node: yaml.Node | None, data: dict[str, Any]
+    exc: ValidationError,
+    path: Path | None,
+    node: yaml.Node | None,
+    data: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
 ) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
@@ -86,6 +90,8 @@ def _problems(
             target = _locate(node, loc, at_key=err["type"] == "extra_forbidden")
             mark = target.start_mark if target is not None else None
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        elif overrides and loc and loc[0] in overrides:
+            where = "(arguments)"
         else:
             where = str(path) if path is not None else "(defaults)"
         msg = err["msg"]
@@ -128,7 +134,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = _problems(exc, file, node, data)
+        problems = _problems(exc, file, node, data, overrides)
         n = len(problems)
         raise ConfigError(
             f"{file or 'configuration'}: {n} error{'s' if n != 1 else ''}", problems

@@ -199,7 +199,7 @@ class ArchiverPolicy(_Policy):
         default=None, gt=0, description="Bandwidth cap of the archiver's writes (megabits/s)."
     )
     missing_detector_timeout_s: float = Field(
-        default=30.0, gt=0, description="Alarm when a detector is still missing after this."
+        default=30.0, ge=0, description="Alarm when a detector is still missing after this."
     )
     compress: bool = Field(default=False, description="Tile-compress (RICE) the raw FITS files.")
     workers: int = Field(default=2, ge=1, description="Parallel detector writers per archiver.")
