@@ -136,6 +136,11 @@ class Archiver:
         from ldf.oods.service import Oods
 
         store = QueueStore.open(settings.database_url(f"archiver_{instrument.lower()}"))
+        reclaimed = store.reclaim(instrument)
+        if reclaimed:
+            _log.warning(
+                "%s archiver: resuming %d file(s) a previous run left", instrument, reclaimed
+            )
         return cls(
             instrument,
             settings,

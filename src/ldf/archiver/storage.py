@@ -270,6 +270,28 @@ class QueueStore:
                 row.state = JobState.ACTIVE.value
             return out
 
+    def reclaim(self, instrument: str) -> int:
+        """Return every leased job of an instrument to the step it had reached.
+
+        Called when an archiver starts: one archiver process serves an instrument (its OCS
+        device name is unique on the bus), so any lease still held belongs to a predecessor
+        that died, e.g. by ``kill -9``. Returns how many jobs were reclaimed.
+        """
+        with self._w() as s, s.begin():
+            rows = list(
+                s.scalars(
+                    select(SQLJob).where(
+                        SQLJob.instrument == instrument, SQLJob.state == JobState.ACTIVE.value
+                    )
+                )
+            )
+            for row in rows:
+                row.state = (JobState.IN_OODS if row.oods_at else JobState.QUEUED).value
+                row.lease_owner = None
+                row.lease_until = None
+                row.next_attempt_at = utcnow()
+            return len(rows)
+
     def record(self, job_id: int, owner: str, **values: Any) -> bool:
         """Record a step's result for a leased job; False if the lease was lost."""
         with self._w() as s, s.begin():
