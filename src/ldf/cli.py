@@ -44,6 +44,7 @@ app.add_typer(config_app, name="config")
 def _register_subapps() -> None:
     # Sub-app modules import only typer and rich at module level; heavy imports (numpy,
     # astropy, nats) happen inside commands, so `ldf --help` stays fast.
+    from ldf.archiver.cli import app as archiver_app
     from ldf.backbone.cli import app as backbone_app
     from ldf.bench import app as bench_app
     from ldf.night import night as night_cmd
@@ -55,6 +56,7 @@ def _register_subapps() -> None:
     app.add_typer(sim_app, name="sim")
     app.add_typer(ocs_app, name="ocs")
     app.add_typer(backbone_app, name="backbone")
+    app.add_typer(archiver_app, name="archiver")
     app.add_typer(oods_app, name="oods")
     from ldf.serve import app as serve_app
 

@@ -98,3 +98,48 @@ def serve_oods(
         )
     finally:
         oods.close()
+
+
+@app.command("archiver")
+def serve_archiver(
+    ctx: typer.Context,
+    instrument: Annotated[str, typer.Argument(help="LSSTCam or LATISS.")],
+    enable: Annotated[
+        bool, typer.Option("--enable/--standby", help="Go to ENABLED at once, or wait in STANDBY.")
+    ] = True,
+) -> None:
+    """Run an instrument's archiver as an OCS device until exitControl or a signal."""
+    import asyncio
+
+    from ldf.archiver.device import ArchiverDevice
+    from ldf.archiver.service import Archiver
+    from ldf.errors import UserInputError
+    from ldf.ocs.bus import open_bus
+
+    if instrument not in ("LSSTCam", "LATISS"):
+        raise UserInputError(f"unknown instrument {instrument!r}; expected LSSTCam or LATISS")
+    settings = settings_from(ctx)
+
+    async def main() -> None:
+        bus = await open_bus(settings.bus, settings.home)
+        archiver = Archiver.open(instrument, settings)
+        dev = ArchiverDevice(archiver, bus, heartbeat_interval_s=settings.bus.heartbeat_interval_s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await dev.open()
+            if enable:
+                await dev.execute("start")
+                await dev.execute("enable")
+            err_console.print(f"{dev.name} is {dev.state.name}; Ctrl-C or exitControl to stop")
+            served = asyncio.create_task(dev.serve())  # returns at exitControl
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([served, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await dev.close()
+            archiver.close()
+            await bus.close()
+
+    asyncio.run(main())

@@ -220,7 +220,8 @@ class OodsPolicy(_Policy):
     )
     token_file: str | None = Field(
         default=None,
-        description="File of accepted bearer tokens, one per line (None: $LDF_HOME/oods/tokens).",
+        description="File of accepted bearer tokens, one per line "
+        "(None: $LDF_HOME/secrets/oods-tokens).",
     )
     host: str = Field(default="127.0.0.1", description="HTTP listen address.")
     port: int = Field(default=8021, ge=0, le=65535, description="HTTP port (0: any free port).")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ldf.errors import TransportError
+from ldf.netutil import listen
 from ldf.ocs.device import Device
 
 __all__ = ["health_app", "health_report", "metrics_text", "serve_health"]
@@ -99,10 +98,7 @@ async def serve_health(
     """
     import uvicorn
 
-    try:
-        sock = socket.create_server((host, port))
-    except OSError as exc:
-        raise TransportError(f"cannot serve health on {host}:{port}: {exc.strerror}") from None
+    sock = listen(host, port, what="health")
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         health_app(devices), log_level="warning", access_log=False, lifespan="off"

@@ -9,14 +9,19 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ldf.errors import TransportError
+from ldf.netutil import listen as _listen
 from ldf.oods.handlers import create_app
 from ldf.oods.models import ExpiryReport
 from ldf.oods.service import Oods
 
-__all__ = ["expire_periodically", "run", "serve_oods"]
+__all__ = ["expire_periodically", "listen", "run", "serve_oods"]
 
 _log = logging.getLogger(__name__)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The OODS's listening socket (see `ldf.netutil.listen`)."""
+    return _listen(host, port, what="the OODS")
 
 
 @contextlib.asynccontextmanager
@@ -35,10 +40,7 @@ async def serve_oods(
     """
     import uvicorn
 
-    try:
-        sock = socket.create_server((host, port))
-    except OSError as exc:
-        raise TransportError(f"cannot serve the OODS on {host}:{port}: {exc.strerror}") from None
+    sock = listen(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(oods, **app_options), log_level="warning", access_log=False, lifespan="off"
@@ -86,10 +88,7 @@ async def run(
     """Serve until SIGINT or SIGTERM (uvicorn's handlers), expiring periodically."""
     import uvicorn
 
-    try:
-        sock = socket.create_server((host, port))
-    except OSError as exc:
-        raise TransportError(f"cannot serve the OODS on {host}:{port}: {exc.strerror}") from None
+    sock = listen(host, port)
     # Followers of the arrival stream never hang up by themselves: give them 5 s at shutdown.
     config = uvicorn.Config(
         create_app(oods), log_level="info", lifespan="off", timeout_graceful_shutdown=5

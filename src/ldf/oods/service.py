@@ -195,7 +195,8 @@ class Oods:
         """The file of accepted HTTP bearer tokens."""
         if self.policy.token_file:
             return Path(self.policy.token_file).expanduser().absolute()
-        return self.settings.home / "oods" / "tokens"
+        # Outside the cache root, so the cache holds exactly its predictable hierarchy.
+        return self.settings.home / "secrets" / "oods-tokens"
 
     def butler(self) -> ButlerRepo:
         """The OODS Butler repository (created on first use)."""
