@@ -39,15 +39,29 @@ def install_butler(template: Path, home: Path) -> None:
     shutil.copytree(template, home / "oods-butler")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def index_databases(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The OODS index on each engine: SQLite under the home, or a scratch PostgreSQL database."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    from tests.engines import scratch_postgres
+
+    with scratch_postgres() as url:
+        yield {"oods": url}
+
+
 @pytest.fixture
-def make_oods(tmp_path: Path, butler_template: Path) -> Iterator[Callable[..., Oods]]:
+def make_oods(
+    tmp_path: Path, butler_template: Path, index_databases: dict[str, str]
+) -> Iterator[Callable[..., Oods]]:
     """Build OODS instances over one home (several stand for several processes)."""
     home = tmp_path / "home"
     install_butler(butler_template, home)
     made: list[Oods] = []
 
     def make(**policy: Any) -> Oods:
-        settings = load_settings(home=home, policies={"oods": policy})
+        settings = load_settings(home=home, databases=index_databases, policies={"oods": policy})
         oods = Oods.open(settings)
         made.append(oods)
         return oods
