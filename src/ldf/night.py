@@ -185,9 +185,9 @@ def night(
 
     print_summary(NightSummary.model_validate(summary["sim"]))
     table = Table(title="Archiving")
-    for col in ("instrument", "exposures", "files in OODS", "archived", "flagged", "MB",
-                "readout→OODS p50", "p99"):  # fmt: skip
-        table.add_column(col, justify="right" if col != "instrument" else "left")
+    table.caption = "latency: end of readout → file in the OODS"
+    for col in ("", "exposures", "in OODS", "archived", "flagged", "MB", "lat p50", "lat p99"):
+        table.add_column(col, justify="right" if col else "left")
     for name, st in summary["archive"].items():
         lat = st["latency_s"]
         table.add_row(

@@ -163,7 +163,7 @@ class SimSettings(_Strict):
 
     seed: int = Field(default=20261121, ge=0, description="Seed of the simulated sky and night.")
     scale: float = Field(
-        default=0.25,
+        default=0.15,
         gt=0,
         le=1,
         description="Linear shrink of detector pixel counts (1 = full LSSTCam size).",
