@@ -47,6 +47,9 @@ DEVICES = {
 """OCS device names of each instrument's scheduler and camera, as Rubin names its CSCs."""
 
 
+IDLE_GAP_S = 120.0
+"""In real-time mode, a gap between events longer than this passes in this long."""
+
 LSSTCAM_SCIENCE_CCDS = 189
 """Science CCDs of LSSTCam."""
 
@@ -78,7 +81,8 @@ class NightOptions:
     calibrations: bool = True
     """Whether to take the afternoon calibration block."""
     realtime: bool = False
-    """Publish events on the simulated clock instead of as fast as possible."""
+    """Publish events on the simulated clock instead of as fast as possible (idle gaps of
+    more than `IDLE_GAP_S`, e.g. from the afternoon calibrations to twilight, are skipped)."""
     speed: float = 1.0
     """Real-time acceleration (2 = twice as fast as the sky)."""
     workers: int = 1
@@ -328,12 +332,21 @@ async def run_night(
 
     wall_of_mjd0 = time.time()
     mjd0 = events[0].mjd if events else 0.0
+    skipped_s = 0.0  # simulated seconds of idle gaps skipped so far
+    prev_mjd = mjd0
     started = 0
     try:
         for ev in events:
             if options.realtime:
-                due = wall_of_mjd0 + (ev.mjd - mjd0) * 86400 / options.speed
-                delay = due - time.time()
+                # Hours with nothing to observe (between the afternoon calibrations and
+                # twilight, or between instruments' blocks) pass at once; the rest runs on
+                # the simulated clock, sped up by ``speed``.
+                gap_s = (ev.mjd - prev_mjd) * 86400
+                if gap_s > IDLE_GAP_S:
+                    skipped_s += gap_s - IDLE_GAP_S
+                prev_mjd = ev.mjd
+                sim_s = (ev.mjd - mjd0) * 86400 - skipped_s
+                delay = wall_of_mjd0 + sim_s / options.speed - time.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             p = ev.planned
