@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ldf.errors import TransportError
 
-__all__ = ["listen"]
+__all__ = ["listen", "serve_app"]
 
 
 def listen(host: str, port: int, *, what: str = "HTTP") -> socket.socket:
@@ -39,3 +43,43 @@ def listen(host: str, port: int, *, what: str = "HTTP") -> socket.socket:
         sock.close()
         raise TransportError(f"cannot serve {what} on {host}:{port}: {exc.strerror}") from None
     return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_app(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    what: str = "HTTP",
+    force_exit: bool = False,
+) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn in this event loop while the context is open.
+
+    Yields the base URL (``port=0`` picks a free port). With ``force_exit`` open streaming
+    responses (server-sent events never end by themselves) are cut at exit.
+
+    Raises
+    ------
+    TransportError
+        The address cannot be bound.
+    """
+    import uvicorn
+
+    sock = listen(host, port, what=what)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"{what} http")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped the server
+            await asyncio.sleep(0.01)
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        server.force_exit = force_exit
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()

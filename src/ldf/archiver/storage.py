@@ -10,12 +10,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ldf.archiver.models import ArchiveJob, Designation, ExposureRecord, JobState
 from ldf.archiver.schema import SQLExposure, SQLJob
-from ldf.db import make_engine, migrate, utcnow
+from ldf.db import utcnow
+from ldf.db.store import SqlStore
 
 __all__ = ["QueueStore"]
 
@@ -61,32 +62,10 @@ def _job(row: SQLJob) -> ArchiveJob:
     )
 
 
-class QueueStore:
+class QueueStore(SqlStore):
     """Persistence of one archiver's queue."""
 
-    def __init__(self, engine: Engine, read_engine: Engine | None = None) -> None:
-        self.engine = engine
-        self.read_engine = read_engine or engine
-
-    @classmethod
-    def open(cls, url: str) -> QueueStore:
-        """Open (creating or migrating) the queue database."""
-        engine = make_engine(url)
-        migrate("ldf.archiver", engine)
-        reader = make_engine(url, writer=False) if engine.dialect.name == "sqlite" else None
-        return cls(engine, reader)
-
-    def close(self) -> None:
-        """Release connections."""
-        self.engine.dispose()
-        if self.read_engine is not self.engine:
-            self.read_engine.dispose()
-
-    def _w(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
-    def _r(self) -> Session:
-        return Session(self.read_engine, expire_on_commit=False)
+    package = "ldf.archiver"
 
     # -- exposures -------------------------------------------------------------------------
 
@@ -96,7 +75,7 @@ class QueueStore:
         Returns the exposure and how many jobs were newly queued.
         """
         now = utcnow()
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             row = s.scalars(
                 select(SQLExposure).where(
                     SQLExposure.instrument == exp.instrument, SQLExposure.obs_id == exp.obs_id
@@ -152,7 +131,7 @@ class QueueStore:
 
     def add_late(self, instrument: str, obs_id: str, detectors: list[str]) -> int:
         """Queue detectors that arrived after their exposure's readout."""
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             row = s.scalars(
                 select(SQLExposure).where(
                     SQLExposure.instrument == instrument, SQLExposure.obs_id == obs_id
@@ -162,7 +141,7 @@ class QueueStore:
 
     def exposure(self, instrument: str, obs_id: str) -> ExposureRecord | None:
         """One exposure."""
-        with self._r() as s:
+        with self._reader() as s:
             row = s.scalars(
                 select(SQLExposure).where(
                     SQLExposure.instrument == instrument, SQLExposure.obs_id == obs_id
@@ -172,7 +151,7 @@ class QueueStore:
 
     def incomplete(self, instrument: str) -> list[tuple[ExposureRecord, list[str]]]:
         """Exposures not yet complete, each with the detectors that have no job yet."""
-        with self._r() as s:
+        with self._reader() as s:
             rows = list(
                 s.scalars(
                     select(SQLExposure).where(
@@ -194,7 +173,7 @@ class QueueStore:
 
     def set_alarm(self, instrument: str, obs_id: str) -> None:
         """Remember that the missing-detector alarm went out."""
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             s.execute(
                 update(SQLExposure)
                 .where(SQLExposure.instrument == instrument, SQLExposure.obs_id == obs_id)
@@ -207,7 +186,7 @@ class QueueStore:
         Returns the exposure the first time it becomes complete, else None.
         """
         finished = (JobState.ARCHIVED.value, JobState.DONE.value)
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             row = s.scalars(
                 select(SQLExposure).where(
                     SQLExposure.instrument == instrument, SQLExposure.obs_id == obs_id
@@ -248,7 +227,7 @@ class QueueStore:
             keys.append(case((SQLJob.science.is_(True), 0), else_=1))
         keys.append(SQLJob.seq_num.desc() if order == "newest-first" else SQLJob.seq_num)
         keys.append(SQLJob.id)
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             rows = list(
                 s.scalars(
                     select(SQLJob)
@@ -277,7 +256,7 @@ class QueueStore:
         device name is unique on the bus), so any lease still held belongs to a predecessor
         that died, e.g. by ``kill -9``. Returns how many jobs were reclaimed.
         """
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             rows = list(
                 s.scalars(
                     select(SQLJob).where(
@@ -294,7 +273,7 @@ class QueueStore:
 
     def record(self, job_id: int, owner: str, **values: Any) -> bool:
         """Record a step's result for a leased job; False if the lease was lost."""
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             row = s.get(SQLJob, job_id, with_for_update=True)
             if row is None or row.lease_owner != owner:
                 return False
@@ -310,7 +289,7 @@ class QueueStore:
         self, instrument: str, *, obs_id: str | None = None, states: tuple[JobState, ...] = ()
     ) -> list[ArchiveJob]:
         """Jobs of an instrument (optionally one exposure, some states), in sequence order."""
-        with self._r() as s:
+        with self._reader() as s:
             q = select(SQLJob).where(SQLJob.instrument == instrument)
             if obs_id:
                 q = q.where(SQLJob.obs_id == obs_id)
@@ -320,7 +299,7 @@ class QueueStore:
 
     def counts(self, instrument: str) -> dict[str, int]:
         """Jobs per state."""
-        with self._r() as s:
+        with self._reader() as s:
             q = (
                 select(SQLJob.state, func.count())
                 .where(SQLJob.instrument == instrument)
@@ -330,7 +309,7 @@ class QueueStore:
 
     def exposures(self, instrument: str, limit: int = 1000) -> list[ExposureRecord]:
         """Exposures, newest first."""
-        with self._r() as s:
+        with self._reader() as s:
             q = (
                 select(SQLExposure)
                 .where(SQLExposure.instrument == instrument)
@@ -341,7 +320,7 @@ class QueueStore:
 
     def retry_failed(self, instrument: str) -> int:
         """Queue failed jobs again (an operator's decision)."""
-        with self._w() as s, s.begin():
+        with self._session() as s, s.begin():
             res = s.execute(
                 update(SQLJob)
                 .where(SQLJob.instrument == instrument, SQLJob.state == JobState.FAILED.value)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,7 +40,8 @@ from ldf.backbone.schema import (
     SQLTransfer,
 )
 from ldf.config import Tier
-from ldf.db import make_engine, migrate, utcnow
+from ldf.db import utcnow
+from ldf.db.store import SqlStore
 from ldf.errors import NotFoundError, UserInputError
 
 __all__ = ["CatalogStore", "ReplicaRow"]
@@ -114,41 +115,10 @@ def _transfer_model(row: SQLTransfer, lfn: str, rule: str | None) -> Transfer:
     )
 
 
-class CatalogStore:
-    """Persistence of the Backbone catalog in one SQLAlchemy database.
+class CatalogStore(SqlStore):
+    """Persistence of the Backbone catalog in one SQLAlchemy database (see `ldf.db.SqlStore`)."""
 
-    Parameters
-    ----------
-    engine
-        Engine for transactions that write.
-    read_engine
-        Engine for read-only queries (on SQLite, deferred transactions that never hold the
-        writer's lock, so a long audit scan never blocks ingest); default ``engine``.
-    """
-
-    def __init__(self, engine: Engine, read_engine: Engine | None = None) -> None:
-        self.engine = engine
-        self.read_engine = read_engine or engine
-
-    @classmethod
-    def open(cls, url: str) -> CatalogStore:
-        """Open (creating or migrating the schema as needed) the catalog at a database URL."""
-        engine = make_engine(url)
-        migrate("ldf.backbone", engine)
-        reader = make_engine(url, writer=False) if engine.dialect.name == "sqlite" else None
-        return cls(engine, reader)
-
-    def close(self) -> None:
-        """Release the connection pools."""
-        self.engine.dispose()
-        if self.read_engine is not self.engine:
-            self.read_engine.dispose()
-
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
-    def _reader(self) -> Session:
-        return Session(self.read_engine, expire_on_commit=False)
+    package = "ldf.backbone"
 
     # -- files -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ its own Alembic version table so services can share one database.
 
 from ldf.db.engine import make_engine, utcnow
 from ldf.db.migrate import migrate
+from ldf.db.store import SqlStore
 from ldf.db.types import JsonType, UtcDateTime
 
-__all__ = ["JsonType", "UtcDateTime", "make_engine", "migrate", "utcnow"]
+__all__ = ["JsonType", "SqlStore", "UtcDateTime", "make_engine", "migrate", "utcnow"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from sqlalchemy import Engine, MetaData
 
-__all__ = ["alembic_config", "migrate"]
+__all__ = ["alembic_config", "migrate", "run_env"]
 
 
 def alembic_config(package: str, engine: Engine) -> Config:
@@ -29,3 +29,29 @@ def alembic_config(package: str, engine: Engine) -> Config:
 def migrate(package: str, engine: Engine, revision: str = "head") -> None:
     """Bring a service's schema to ``revision`` (idempotent)."""
     command.upgrade(alembic_config(package, engine), revision)
+
+
+def run_env(metadata: MetaData, default_version_table: str) -> None:
+    """The body of every service's ``migrations/env.py``: run its revisions online.
+
+    Uses the engine `migrate` passes in; from the ``alembic`` command line, the configured
+    ``sqlalchemy.url``. SQLite gets batch mode (it cannot ALTER most things in place).
+    """
+    from alembic import context
+
+    from ldf.db.engine import make_engine
+
+    config = context.config
+    engine = config.attributes.get("engine") or make_engine(
+        config.get_main_option("sqlalchemy.url") or ""
+    )
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            version_table=config.get_main_option("version_table") or default_version_table,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()

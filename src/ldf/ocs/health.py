@@ -8,7 +8,6 @@ work (``ldf night --http-port``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ldf.netutil import listen
+from ldf.netutil import serve_app
 from ldf.ocs.device import Device
 
 __all__ = ["health_app", "health_report", "metrics_text", "serve_health"]
@@ -96,23 +95,5 @@ async def serve_health(
     TransportError
         The address cannot be bound (e.g. the port is taken).
     """
-    import uvicorn
-
-    sock = listen(host, port, what="health")
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(
-        health_app(devices), log_level="warning", access_log=False, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="health http")
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises what stopped the server
-            await asyncio.sleep(0.01)
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
+    async with serve_app(health_app(devices), host=host, port=port, what="health") as url:
+        yield url

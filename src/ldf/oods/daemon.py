@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ldf.netutil import listen as _listen
+from ldf.netutil import serve_app
 from ldf.oods.handlers import create_app
 from ldf.oods.models import ExpiryReport
 from ldf.oods.service import Oods
@@ -38,28 +39,10 @@ async def serve_oods(
     TransportError
         The address cannot be bound (e.g. the port is taken).
     """
-    import uvicorn
-
-    sock = listen(host, port)
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(oods, **app_options), log_level="warning", access_log=False, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="oods http")
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises what stopped the server
-            await asyncio.sleep(0.01)
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        # Open event streams never end by themselves; don't wait for them for ever.
-        server.force_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
+    async with serve_app(
+        create_app(oods, **app_options), host=host, port=port, what="the OODS", force_exit=True
+    ) as url:
+        yield url
 
 
 async def expire_periodically(

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Engine,
     and_,
     case,
     delete,
@@ -29,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ldf.db import make_engine, migrate
+from ldf.db.store import SqlStore
 from ldf.errors import NotFoundError
 from ldf.oods.models import Arrival, OodsEntry, Pin
 from ldf.oods.schema import SQLEntry, SQLEvent, SQLLease, SQLPin
@@ -85,41 +84,10 @@ def _entry(row: SQLEntry, pinned: bool) -> OodsEntry:
     )
 
 
-class IndexStore:
-    """Persistence of the OODS index in one SQLAlchemy database.
+class IndexStore(SqlStore):
+    """Persistence of the OODS index in one SQLAlchemy database (see `ldf.db.SqlStore`)."""
 
-    Parameters
-    ----------
-    engine
-        Engine for transactions that write.
-    read_engine
-        Engine for read-only queries (on SQLite: deferred transactions that never wait for
-        the writer); default ``engine``.
-    """
-
-    def __init__(self, engine: Engine, read_engine: Engine | None = None) -> None:
-        self.engine = engine
-        self.read_engine = read_engine or engine
-
-    @classmethod
-    def open(cls, url: str) -> IndexStore:
-        """Open (creating or migrating the schema as needed) the index at a database URL."""
-        engine = make_engine(url)
-        migrate("ldf.oods", engine)
-        reader = make_engine(url, writer=False) if engine.dialect.name == "sqlite" else None
-        return cls(engine, reader)
-
-    def close(self) -> None:
-        """Release the connection pools."""
-        self.engine.dispose()
-        if self.read_engine is not self.engine:
-            self.read_engine.dispose()
-
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
-    def _reader(self) -> Session:
-        return Session(self.read_engine, expire_on_commit=False)
+    package = "ldf.oods"
 
     # -- entries ---------------------------------------------------------------------------
 
