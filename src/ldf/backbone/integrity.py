@@ -59,19 +59,22 @@ def audit(
     report = AuditReport(site=site, started_at=utcnow(), checksums=checksums)
     grace = bb.policy.dark_grace_s
     for ep in bb.endpoints(site):
-        on_storage = dict(ep.walk())
         states = (
             ReplicaState.AVAILABLE,
             ReplicaState.SUSPECT,
             ReplicaState.LOST,
             ReplicaState.PENDING,
         )
-        # Listed first: the loop below writes to the catalog.
+        # The catalog is listed before the storage: a file is stored before it is
+        # catalogued, so anything catalogued now is already on storage when listed after.
         catalogued = list(bb.store.replicas_at(site, ep.name, states))
+        on_storage = dict(ep.walk())
         for lfn, size, adler32, blake3, state in catalogued:
             present = on_storage.pop(lfn, None)
             if state == ReplicaState.PENDING:
                 continue  # a transfer will write it
+            if present is None and ep.exists(lfn):
+                present = ep.size(lfn)  # written since the listing
             if present is None:
                 if state != ReplicaState.LOST:
                     _mark(bb, lfn, site, ep.name, ReplicaState.LOST)
@@ -203,6 +206,10 @@ def repair(bb: Backbone, site: str | None = None) -> RepairReport:
             dst = bb.endpoint(r.site, r.endpoint)
             try:
                 if dst.exists(f.lfn):
+                    if dst.checksum(f.lfn) == expected:  # it is fine after all
+                        bb.store.set_replica(r.model_copy(update={"state": ReplicaState.AVAILABLE}))
+                        report.repaired.append(f"{f.lfn} @ {r.site}/{r.endpoint} (verified)")
+                        continue
                     dst.quarantine(f.lfn)  # keep the bad bytes for forensics, off the data path
                 copy_file(source, dst, f.lfn, expected=expected)
                 bb.store.set_replica(r.model_copy(update={"state": ReplicaState.AVAILABLE}))

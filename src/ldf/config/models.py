@@ -260,7 +260,8 @@ class BackbonePolicy(_Policy):
     dark_grace_s: float = Field(
         default=3600.0,
         ge=0,
-        description="A file on storage but not in the catalog is dark only once this old.",
+        description="A file on storage but not in the catalog is dark only once this old "
+        "(longer than any copy takes; 0 is safe only while nothing writes).",
     )
     scratch_lifetime_days: float = Field(
         default=30.0, gt=0, description="Default lifetime of scratch files."
