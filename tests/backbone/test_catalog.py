@@ -151,8 +151,9 @@ def test_rule_added_later_applies_to_existing_files(bb: Backbone, make_file: Mak
 
 
 def test_full_destination_keeps_rule_pending_then_completes(
-    bb: Backbone, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+    make_backbone: Callable[..., Backbone], make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bb = make_backbone(retry_base_s=0.5)  # one attempt per pass, however slow the machine
     bb.add_rule(Rule(name="r", expression="true", copies=1, sites=["archive"]))
     archive = bb.endpoint("archive")
     real_put = archive.put
@@ -174,7 +175,7 @@ def test_full_destination_keeps_rule_pending_then_completes(
     monkeypatch.setattr(archive, "put", real_put)
     import time
 
-    time.sleep(0.05)
+    time.sleep(0.6)
     assert bb.run_transfers().done == 1
     assert _states(bb, "a")["archive/disk"] == "available"
 
