@@ -107,6 +107,20 @@ class ArchiverDevice(Device):
         await self._stop_work()
         await super().close()
 
+    async def wait_backlog(self, *, max_exposures: int = 1, timeout_s: float = 120.0) -> bool:
+        """Wait until at most ``max_exposures`` exposures have files not yet in the OODS.
+
+        Returns False if the timeout passed first (the caller goes on regardless).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            behind = await asyncio.to_thread(self.archiver.exposures_behind)
+            if behind <= max_exposures:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def drain(self, *, exposures: int = 0, timeout_s: float = 600.0) -> bool:
         """Wait until at least ``exposures`` are recorded and nothing is left to do.
 

@@ -541,6 +541,11 @@ class Archiver:
 
     # -- status ----------------------------------------------------------------------------
 
+    def exposures_behind(self) -> int:
+        """How many exposures have detector files not yet in the OODS."""
+        waiting = self.store.jobs(self.instrument, states=(JobState.QUEUED, JobState.ACTIVE))
+        return len({j.obs_id for j in waiting if j.oods_at is None})
+
     def idle(self) -> bool:
         """Whether nothing is queued or in progress."""
         counts = self.store.counts(self.instrument)

@@ -248,6 +248,7 @@ async def run_night(
     sink: EventSink | None = None,
     on_exposure: Callable[[ExposureResult], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    pace: Callable[[str], Awaitable[None]] | None = None,
 ) -> NightSummary:
     """Simulate a night into the DAQ, publishing the observatory's events to ``sink``.
 
@@ -265,6 +266,10 @@ async def run_night(
         Called after each exposure is complete in the DAQ (for progress bars).
     on_plan
         Called once with (exposures, detector files) planned (for progress bars).
+    pace
+        Awaited with the instrument's name before each exposure starts, in fast mode: lets
+        the facility hold the camera back while it is behind (the sky never outruns the
+        facility as a fast simulator does).
     """
     t_wall0 = time.perf_counter()
     plans = []
@@ -355,6 +360,8 @@ async def run_night(
             if ev.name == "nextVisit":
                 await publish(scheduler, "nextVisit", _visit_payload(p))
             elif ev.name == "startIntegration":
+                if pace is not None and not options.realtime:
+                    await pace(v.instrument)
                 started += 1
                 submit_until(started + options.lookahead)
                 await publish(
