@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ldf.cliutil import console, err_console, print_json, settings_from
 from ldf.config import Settings
-from ldf.sim.cli import Detectors, HttpPort, Json, Scale, Seed, Visits
+from ldf.sim.cli import DayObs, Detectors, HttpPort, Json, Scale, Seed, Visits
 
 __all__ = ["DEFAULT_RULES", "night", "run_facility_night"]
 
@@ -75,11 +75,13 @@ async def run_facility_night(
     try:
         async with contextlib.AsyncExitStack() as stack:
             obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
+            before: dict[str, int] = {}
             for inst in options.instruments:
                 dev = ArchiverDevice(
                     Archiver.open(inst, settings), obs.bus,
                     heartbeat_interval_s=settings.bus.heartbeat_interval_s,
                 )  # fmt: skip
+                before[inst] = dev.archiver.status(options.day_obs)["files_in_oods"]
                 await dev.open()
                 await dev.execute("start")
                 await dev.execute("enable")
@@ -113,7 +115,11 @@ async def run_facility_night(
                 expected = sim.instruments[dev.archiver.instrument].exposures
                 if not await dev.drain(exposures=expected) and on_status:
                     on_status(f"{dev.name}: still busy after the drain timeout")
-            archive = {dev.archiver.instrument: dev.archiver.status() for dev in archivers}
+            archive = {
+                dev.archiver.instrument: dev.archiver.status(options.day_obs) for dev in archivers
+            }
+            for name, st in archive.items():
+                st["new_files"] = st["files_in_oods"] - before.get(name, 0)
             for dev in archivers:
                 await dev.execute("disable")
                 await dev.execute("standby")
@@ -161,6 +167,7 @@ def night(
     detectors: Detectors = None,
     scale: Scale = None,
     seed: Seed = None,
+    day_obs: DayObs = None,
     realtime: Annotated[
         bool, typer.Option("--realtime", help="Run on the simulated clock.")
     ] = False,
@@ -173,7 +180,7 @@ def night(
 
     settings = settings_from(ctx)
     options = options_from(
-        settings, visits, detectors, scale, seed, None, realtime=realtime, speed=speed
+        settings, visits, detectors, scale, seed, day_obs, realtime=realtime, speed=speed
     )
     progress, callbacks = night_progress(as_json)
 
@@ -215,6 +222,11 @@ def night(
         console.print(
             "[dim]fast mode: each exposure starts once the archivers are at most one exposure "
             "behind (--realtime paces the night on the simulated clock instead)[/]"
+        )
+    if not any(st["new_files"] for st in summary["archive"].values()):
+        console.print(
+            f"[yellow]night {options.day_obs} (seed {options.seed}) was already archived in "
+            f"{settings.home}: nothing new. Choose another --day-obs, or a fresh LDF_HOME.[/]"
         )
     reps: dict[str, int] = {}
     for r in summary["backbone"]["replicas"]:

@@ -552,23 +552,33 @@ class Archiver:
         busy = (JobState.QUEUED, JobState.ACTIVE, JobState.IN_OODS)
         return not any(counts.get(s.value, 0) for s in busy)
 
-    def latencies(self) -> list[float]:
+    def _jobs(self, day_obs: int | None) -> list[ArchiveJob]:
+        jobs = self.store.jobs(self.instrument)
+        if day_obs is None:
+            return jobs
+        return [j for j in jobs if f"_{day_obs}_" in j.obs_id]
+
+    def latencies(self, day_obs: int | None = None) -> list[float]:
         """Seconds from ``endReadout`` received to in-OODS, per detector file."""
         return [
             (j.oods_at - j.received_at).total_seconds()
-            for j in self.store.jobs(self.instrument)
+            for j in self._jobs(day_obs)
             if j.oods_at is not None and j.received_at is not None
         ]
 
-    def status(self) -> dict[str, Any]:
-        """Queue counts, exposures, bytes, latency percentiles, policy."""
+    def status(self, day_obs: int | None = None) -> dict[str, Any]:
+        """Queue counts, exposures, bytes, latency percentiles, policy (of one night, or all)."""
         import numpy as np
 
-        jobs = self.store.jobs(self.instrument)
-        lat = self.latencies()
-        exposures = self.store.exposures(self.instrument)
+        jobs = self._jobs(day_obs)
+        lat = self.latencies(day_obs)
+        exposures = [
+            e for e in self.store.exposures(self.instrument)
+            if day_obs is None or e.day_obs == day_obs
+        ]  # fmt: skip
         return {
             "instrument": self.instrument,
+            "day_obs": day_obs,
             "jobs": self.store.counts(self.instrument),
             "exposures": len(exposures),
             "exposures_complete": sum(e.complete_at is not None for e in exposures),
