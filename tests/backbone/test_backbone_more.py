@@ -113,14 +113,15 @@ def test_catalog_tables_snapshot_replicated(tmp_path: Path) -> None:
 def test_daemon_replicates_new_files_and_audits(
     make_backbone: Callable[..., Backbone], tmp_path: Path
 ) -> None:
-    bb = make_backbone(poll_s=0.05, audit_interval_s=3600)
+    # A real grace period: with 0 the daemon's audit may quarantine a file caught between its
+    # copy and its catalog entry, the very race the grace period exists for.
+    policy = {"poll_s": 0.05, "audit_interval_s": 3600, "dark_grace_s": 600}
+    bb = make_backbone(**policy)
     bb.add_rule(Rule(name="r", expression="true", copies=1, sites=["archive"]))
     stop = threading.Event()
     rounds: list[dict[str, object]] = []
     daemon = threading.Thread(
-        target=run_daemon,
-        args=(make_backbone(poll_s=0.05), stop),
-        kwargs={"on_round": rounds.append},
+        target=run_daemon, args=(make_backbone(**policy), stop), kwargs={"on_round": rounds.append}
     )
     daemon.start()
     try:
