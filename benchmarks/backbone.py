@@ -45,7 +45,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,7 +56,6 @@ from astropy.io import fits
 from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 
-from ldf.backbone import butler as backbone_butler
 from ldf.backbone.butler import repo_for
 from ldf.backbone.checksums import checksum_bytes, checksum_file
 from ldf.backbone.integrity import audit
@@ -79,31 +77,6 @@ FILES_PER_EXPOSURE = 205
 
 def log(message: str) -> None:
     print(f"[backbone bench] {message}", file=sys.stderr, flush=True)
-
-
-class ReentrancyProbe:
-    """Stands in for ``ldf.backbone.butler._lock``: an RLock that records re-entry.
-
-    ``register_raw`` holds that module lock while calling ``repo_for``, which takes it again;
-    with a plain ``threading.Lock`` the first registration deadlocks. The benchmark measures
-    the registration path with the same mutual exclusion, re-entrant, and says so in its JSON
-    when (and only when) a re-entry actually happened.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._depth = threading.local()
-        self.reentered = False
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        depth = getattr(self._depth, "n", 0) + 1
-        self._depth.n = depth
-        self.reentered |= depth > 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth.n -= 1
-        self._lock.release()
 
 
 def rate(n: float, seconds: float, digits: int = 1) -> float | None:
@@ -550,8 +523,6 @@ def main() -> None:
     # A killed run (SIGTERM, e.g. a timeout) still removes its temp dir and scratch database.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
-    probe = ReentrancyProbe()
-    backbone_butler._lock = probe  # type: ignore[assignment]
     tmp = Path(tempfile.mkdtemp(prefix="ldf-bench-backbone-"))
     try:
         with catalog(tmp, args.postgres) as url:
@@ -582,13 +553,6 @@ def main() -> None:
                     "checksum": checksum,
                     "replication": replication,
                     "audit": audit_result,
-                    "workaround": (
-                        "ldf.backbone.butler._lock was re-entered (register_raw holds it and "
-                        "calls repo_for, which takes it again: a self-deadlock with "
-                        "threading.Lock); the benchmark ran with it replaced by an RLock"
-                        if probe.reentered
-                        else None
-                    ),
                     "filesystem": "one local filesystem for every site (temp dir)",
                     "cores": len(os.sched_getaffinity(0))
                     if hasattr(os, "sched_getaffinity")

@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ldf.archiver.models import ArchiveJob, Designation, ExposureRecord, JobState
-from ldf.archiver.storage import ORDERS, QueueStore
+from ldf.archiver.storage import QueueStore
 from ldf.backbone.checksums import checksum_file
 from ldf.backbone.ratelimit import RateLimiter
 from ldf.config import Settings
@@ -176,8 +176,6 @@ class Archiver:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise UserInputError(f"bad policy {where}: {first['msg']}") from None
-        if policy.backlog_order not in ORDERS:  # pragma: no cover - the model enforces it
-            raise UserInputError(f"backlog_order must be one of {', '.join(ORDERS)}")
         with self._lock:
             self.policy = policy
             self._limiter_rate = None  # rebuilt with the new limits
@@ -496,8 +494,6 @@ class Archiver:
             error=message[:2000],
             next_attempt_at=utcnow() + timedelta(seconds=delay),
         )
-        # The state written above releases the lease only for QUEUED/FAILED; IN_OODS keeps
-        # no lease either once the next claim sees next_attempt_at.
         self.publish(
             "archiverAlarm",
             {"obs_id": job.obs_id, "detector": job.detector, "problem": message, "final": give_up},

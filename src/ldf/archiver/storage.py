@@ -280,7 +280,8 @@ class QueueStore(SqlStore):
             for k, v in values.items():
                 setattr(row, k, v.value if isinstance(v, JobState) else v)
             state = values.get("state")
-            if state in (JobState.ARCHIVED, JobState.DONE, JobState.FAILED, JobState.QUEUED):
+            # Any state but ACTIVE hands the job back: the lease ends.
+            if state is not None and state is not JobState.ACTIVE:
                 row.lease_owner = None
                 row.lease_until = None
             return True
