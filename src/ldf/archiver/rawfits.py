@@ -433,6 +433,8 @@ def primary_header(
         header["HIERARCH SIM TRANSP"] = (round(cond.transparency, 4), "transparency")
         header["HIERARCH SIM MOONILL"] = (round(cond.moon_illumination, 4), "moon phase")
         header["HIERARCH SIM MOONALT"] = (round(cond.moon_alt_deg, 4), "[deg]")
+        header["HIERARCH SIM PNTDRA"] = (cond.pointing_dra_arcsec, "[arcsec] true-cmd east")
+        header["HIERARCH SIM PNTDDEC"] = (cond.pointing_ddec_arcsec, "[arcsec] true-cmd north")
     if end_readout_tai_mjd is not None:
         header["HIERARCH LDF READEND"] = (end_readout_tai_mjd, "end of readout TAI MJD")
     if problems:

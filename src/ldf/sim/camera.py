@@ -57,6 +57,7 @@ __all__ = [
     "assemble",
     "flat_pattern",
     "render_detector",
+    "true_pointing",
 ]
 
 FLAT_RATE_E_PER_S = 5000.0
@@ -216,6 +217,18 @@ def apply_saturation(image: np.ndarray, detector: Detector) -> None:
             _spill(column[: rows[0]][::-1], excess / 2, fw)
 
 
+def true_pointing(
+    ra_deg: float, dec_deg: float, cond: ObservingConditions | None
+) -> tuple[float, float]:
+    """Where the telescope really pointed: the commanded boresight plus the pointing error."""
+    if cond is None:
+        return ra_deg, dec_deg
+    dec = dec_deg + cond.pointing_ddec_arcsec / 3600.0
+    cos_dec = max(math.cos(math.radians(dec_deg)), 1e-6)
+    ra = (ra_deg + cond.pointing_dra_arcsec / 3600.0 / cos_dec) % 360.0
+    return ra, max(-90.0, min(90.0, dec))
+
+
 def _psf_for(instrument: Instrument, cond: ObservingConditions) -> MoffatPsf:
     return MoffatPsf(
         fwhm_px=cond.seeing_fwhm_arcsec / instrument.pixel_scale_arcsec,
@@ -246,7 +259,8 @@ def _render_sky(
     sky_e = 10 ** (-0.4 * (cond.sky_mag_arcsec2 - zp - k)) * instrument.pixel_scale_arcsec**2 * t
     image.fill(np.float32(sky_e))
 
-    wcs = detector_wcs(instrument, detector, visit.ra_deg, visit.dec_deg, visit.rot_sky_deg)
+    ra_true, dec_true = true_pointing(visit.ra_deg, visit.dec_deg, cond)
+    wcs = detector_wcs(instrument, detector, ra_true, dec_true, visit.rot_sky_deg)
     psf = _psf_for(instrument, cond)
     cx, cy = (detector.nx - 1) / 2.0, (detector.ny - 1) / 2.0
     ra_c, dec_c = (float(v) for v in wcs.wcs_pix2world(cx, cy, 0))

@@ -71,6 +71,8 @@ _SIGMA_LN_HOURS = 0.12
 _SIGMA_LN_VISIT = 0.04
 _CLOUDY_NIGHT_FRACTION = 0.25
 _SKY_JITTER_MAG = 0.05
+_POINTING_RMS_ARCSEC = 2.0
+"""Rms per axis of the mount's blind pointing error (Rubin's requirement is 2″ after a slew)."""
 
 
 def night_of(mjd: float) -> int:
@@ -218,6 +220,8 @@ def conditions_for(
     sky_mag = _nl_to_mag(sky_nl)
 
     e1, e2 = (float(v) for v in vrng.normal(0.0, 0.02, size=2))
+    # Pointing error of the mount (drawn after everything else so older draws keep their values).
+    dra, ddec = (float(v) for v in vrng.normal(0.0, _POINTING_RMS_ARCSEC, size=2))
     return ObservingConditions(
         seeing_fwhm_arcsec=round(seeing, 4),
         sky_mag_arcsec2=round(sky_mag, 4),
@@ -226,4 +230,6 @@ def conditions_for(
         moon_alt_deg=round(moon_alt, 3),
         psf_e1=round(e1, 4),
         psf_e2=round(e2, 4),
+        pointing_dra_arcsec=round(dra, 3),
+        pointing_ddec_arcsec=round(ddec, 3),
     )

@@ -63,6 +63,14 @@ class ObservingConditions(BaseModel):
     moon_alt_deg: float = Field(description="Altitude of the moon.")
     psf_e1: float = Field(default=0.0, description="PSF ellipticity component e1.")
     psf_e2: float = Field(default=0.0, description="PSF ellipticity component e2.")
+    pointing_dra_arcsec: float = Field(
+        default=0.0,
+        description="True minus commanded boresight, east (ΔRA·cos Dec), arcsec: the "
+        "telescope's pointing error, which the header's RA/DEC do not know.",
+    )
+    pointing_ddec_arcsec: float = Field(
+        default=0.0, description="True minus commanded boresight, north, arcsec."
+    )
 
 
 class VisitSpec(BaseModel):
