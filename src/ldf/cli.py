@@ -50,6 +50,7 @@ def _register_subapps() -> None:
     from ldf.night import night as night_cmd
     from ldf.ocs.cli import app as ocs_app
     from ldf.oods.cli import app as oods_app
+    from ldf.prompt.cli import app as prompt_app
     from ldf.sim.cli import app as sim_app
 
     app.command("night")(night_cmd)
@@ -58,6 +59,7 @@ def _register_subapps() -> None:
     app.add_typer(backbone_app, name="backbone")
     app.add_typer(archiver_app, name="archiver")
     app.add_typer(oods_app, name="oods")
+    app.add_typer(prompt_app, name="prompt")
     from ldf.serve import app as serve_app
 
     app.add_typer(serve_app, name="serve")

@@ -207,7 +207,38 @@ class ArchiverPolicy(_Policy):
 
 
 class PromptPolicy(_Policy):
-    """Prompt processing policies (LDM-230 2.1.3.2.1)."""
+    """Prompt processing policies (LDM-230 2.1.3.2.1); Operations select them by OCS command."""
+
+    qa_first: bool = Field(
+        default=True,
+        description="Publish each detector's image-quality parameters the moment the front "
+        "end (ISR → photometry) has them, before difference imaging; off: with the science "
+        "result. A timed-out or failed back end still leaves its QA published.",
+    )
+    science_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A visit's science processing is abandoned this long after its end of "
+        "readout: detectors not done by then are handed to offline catch-up (no alerts).",
+    )
+    backlog: Literal["process", "skip-to-newest", "offline"] = Field(
+        default="process",
+        description="When a new visit arrives with older visits still waiting: process them "
+        "all in order; skip the older ones (recorded, never processed); or hand them to "
+        "offline catch-up (processed later: APDB updated, no alerts).",
+    )
+    workers: int = Field(
+        default=2, ge=1, description="Warm worker processes (one detector each at a time)."
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="Tries of a detector whose worker died before it is failed."
+    )
+    association_radius_arcsec: float = Field(
+        default=1.0, gt=0, description="DiaSource → DiaObject association radius."
+    )
+    detection_threshold: float = Field(
+        default=5.0, gt=0, description="DIA detection threshold, σ on the difference image."
+    )
 
 
 class OodsPolicy(_Policy):

@@ -1,0 +1,256 @@
+"""What a warm worker process does with one detector of one visit.
+
+The front end (ISR → characterization → astrometry → photometry) yields the image-quality
+parameters the observatory wants; with the QA-first policy they are sent back through the
+QA queue the moment they exist, before difference imaging starts. The back end (difference
+imaging → DIA sources → association into the APDB → alert packets) then runs unless the
+visit's science timeout has passed, in which case the detector is left for offline
+catch-up. Calibration exposures (bias, dark, flat) get calibration QA only.
+
+A per-detector problem is a :class:`~ldf.pipelines.types.DetectorError`; it becomes a
+FAILED outcome naming the stage and the reason, never an exception that kills the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# Imported here so the forkserver's workers start with the whole stack loaded.
+import numpy as np
+import pandas as pd  # noqa: F401
+import sep  # noqa: F401
+
+from ldf.pipelines import (
+    alertpacket,
+    apdb,
+    association,
+    astrometry,
+    calibs,
+    characterize,
+    dia,
+    diffim,
+    isr,
+    photometry,
+    refcat,
+    templates,
+)
+from ldf.pipelines.types import DetectorError, VisitInfo
+from ldf.prompt.inputs import InputPaths
+from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
+
+__all__ = ["init_worker", "process_detector"]
+
+_qa_queue: Any = None
+
+
+def init_worker(qa_queue: Any) -> None:
+    """Pool initializer: remember the queue QA parameters are sent back through."""
+    global _qa_queue
+    _qa_queue = qa_queue
+
+
+def _send_qa(job: DetectorJob, name: str, qa: dict[str, Any]) -> None:
+    if _qa_queue is not None:
+        _qa_queue.put((job.exposure_id, job.detector, name, qa, job.offline))
+
+
+class _Timer:
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
+        self.stage = ""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self.stage = stage
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.out[stage] = round(self.out.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _finite(qa: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe QA values (NaN/inf → None)."""
+    out: dict[str, Any] = {}
+    for key, value in qa.items():
+        if isinstance(value, float | np.floating):
+            out[key] = float(value) if math.isfinite(value) else None
+        elif isinstance(value, np.integer | np.bool_):
+            out[key] = value.item()
+        else:
+            out[key] = value
+    return out
+
+
+def process_detector(job_json: str) -> str:
+    """Process one detector; returns the :class:`DetectorOutcome` as JSON (never raises)."""
+    job = DetectorJob.model_validate_json(job_json)
+    outcome = DetectorOutcome(
+        exposure_id=job.exposure_id, detector=job.detector, state=JobState.DONE
+    )
+    timer = _Timer(outcome.stage_s)
+    try:
+        _run(job, outcome, timer)
+    except DetectorError as exc:
+        outcome.state = JobState.FAILED
+        outcome.failed_stage = exc.stage
+        outcome.reason = exc.reason
+    except Exception as exc:  # a bug or an unforeseen input: report it, keep the worker
+        outcome.state = JobState.FAILED
+        outcome.failed_stage = timer.stage or "unknown"
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        outcome.reason = f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
+    return outcome.model_dump_json()
+
+
+def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
+    from ldf.butler.formatters import RawImage
+    from ldf.sim.instruments import get_instrument
+
+    local = InputPaths(Path(job.scratch))
+    home = InputPaths(Path(job.home))
+    with timer("read"):
+        try:
+            raw = RawImage.read(job.raw_path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DetectorError("read", f"cannot read raw {job.raw_path}: {exc}") from exc
+        info = VisitInfo.from_header(raw.metadata)
+    camera = get_instrument(info.instrument, job.camera_scale)
+    calib_set = _load_calibs(local, home, info)
+
+    if info.obs_type in ("bias", "dark", "flat"):
+        with timer("isr"):
+            qa = calibs.calibration_qa(raw, calib_set, camera)
+        outcome.qa = _finite({"obs_type": info.obs_type, **qa})
+        _send_qa(job, "calibrationQA", outcome.qa)
+        return
+
+    with timer("isr"):
+        exposure = isr.run_isr(raw, camera, calib_set)
+    with timer("characterize"):
+        char = characterize.characterize(exposure)
+    with timer("astrometry"):
+        ref = refcat.RefcatStore(_first_existing(local.refcat, home.refcat))
+        ra, dec, radius = _footprint(char.exposure)
+        ref_stars = ref.load_region(ra, dec, radius)
+        ast = astrometry.fit_astrometry(char.exposure, char.sources, ref_stars)
+    with timer("photometry"):
+        phot = photometry.calibrate_photometry(char.exposure, char.sources, ref_stars, ast.matches)
+    science = char.exposure
+    outcome.qa = _finite(
+        {
+            "seeing_arcsec": char.seeing_arcsec,
+            "psf_e1": char.psf_e1,
+            "psf_e2": char.psf_e2,
+            "psf_ellipticity": char.ellipticity,
+            "sky_e_per_pixel": char.sky_e_per_pixel,
+            "n_sources": char.n_sources,
+            "pointing_offset_ra_arcsec": ast.offset_ra_arcsec,
+            "pointing_offset_dec_arcsec": ast.offset_dec_arcsec,
+            "astrometry_rms_arcsec": ast.rms_arcsec,
+            "zero_point": phot.zero_point,
+            "zero_point_err": phot.zero_point_err,
+            "band": info.band,
+        }
+    )
+    if job.qa_first:
+        _send_qa(job, "imageQuality", outcome.qa)
+
+    if job.deadline_unix is not None and time.time() > job.deadline_unix:
+        outcome.state = JobState.TIMEOUT
+        outcome.reason = "science timeout passed before difference imaging"
+        return
+    _back_end(job, outcome, timer, science, char, local, home, info)
+    if not job.qa_first:
+        _send_qa(job, "imageQuality", outcome.qa)
+
+
+def _back_end(
+    job: DetectorJob,
+    outcome: DetectorOutcome,
+    timer: _Timer,
+    science: Any,
+    char: Any,
+    local: InputPaths,
+    home: InputPaths,
+    info: VisitInfo,
+) -> None:
+    from astropy.time import Time
+
+    with timer("diffim"):
+        store = templates.TemplateStore(_first_existing(local.templates, home.templates))
+        template = store.warp_to(info.band, science.wcs, science.shape)
+        diff = diffim.subtract(science, template, sources=char.sources)
+    with timer("dia"):
+        sources = dia.detect_dia_sources(
+            diff.difference, science, diff.template, threshold=job.detection_threshold
+        )
+    with timer("association"):
+        db = apdb.PromptApdb.open(home.apdb_config)
+        ra, dec, radius = _footprint(science)
+        visit_time = Time(info.mjd_mid_tai, format="mjd", scale="tai")
+        objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
+        result = association.associate(
+            sources, objects, info=info, radius_arcsec=job.association_radius_arcsec
+        )
+        forced = dia.forced_photometry(diff.difference, science, objects)
+        forced = association.prepare_forced(forced, info=info)
+        db.store_or_buffer(visit_time, result.objects, result.sources, forced)
+    outcome.n_dia_sources = len(result.sources)
+    outcome.n_new_objects = int(result.n_new)
+    if job.offline:
+        return
+    with timer("alerts"):
+        alerts = alertpacket.build_alerts(
+            result.sources,
+            result.objects,
+            history,
+            forced_history,
+            science=science,
+            template=diff.template,
+            difference=diff.difference,
+        )
+        schema = alertpacket.AlertSchema.latest()
+        packets = [schema.serialize(a) for a in alerts]
+        alertpacket.LocalAlertSink(home.alerts).deliver(job.exposure_id, job.detector, packets)
+    outcome.n_alerts = len(packets)
+    outcome.alerts_handed_unix = time.time()
+
+
+def _first_existing(*paths: Path) -> Path:
+    for p in paths:
+        if p.exists():
+            return p
+    return paths[-1]
+
+
+def _footprint(exposure: Any) -> tuple[float, float, float]:
+    """Centre (deg) and radius (deg, with a margin) of a detector on the sky."""
+    ny, nx = exposure.shape
+    ra, dec = (float(v) for v in exposure.wcs.wcs_pix2world((nx - 1) / 2, (ny - 1) / 2, 0))
+    radius = math.hypot(nx, ny) / 2 * exposure.pixel_scale_arcsec / 3600 + 10 / 3600
+    return ra, dec, radius
+
+
+def _load_calibs(local: InputPaths, home: InputPaths, info: VisitInfo) -> Any:
+    """The detector's master calibrations (preloaded copy first, else the facility's)."""
+
+    def one(kind: str, band: str | None = None) -> Any:
+        for root in (local, home):
+            path = root.calib(info.instrument, info.detector, kind, band)
+            if path.exists():
+                return calibs.MasterCalib.load(path)
+        return None
+
+    needs_flat = info.obs_type in ("science", "engtest") and info.band
+    return calibs.CalibSet(
+        bias=one("bias"),
+        dark=one("dark") if info.obs_type != "bias" else None,
+        flat=one("flat", info.band) if needs_flat else None,
+    )
