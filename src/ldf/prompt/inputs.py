@@ -4,7 +4,7 @@ Layout under ``$LDF_HOME`` (the facility's copies)::
 
     calibs/<instrument>/<detector>/bias.fits, dark.fits, flat-<band>.fits
     templates/<instrument>/<band>/<patch>.fits      (ldf.pipelines.templates.TemplateStore)
-    refcat/<shard>.fits                             (ldf.pipelines.refcat.RefcatStore)
+    refcat/refcat.json, refcat/htm7/<id>.npy        (ldf.pipelines.refcat.RefcatStore)
     apdb/apdb-config.yaml, apdb/apdb.sqlite3        (ldf.pipelines.apdb.PromptApdb)
     alerts/outbox/…                                 (ldf.pipelines.alertpacket.LocalAlertSink)
 

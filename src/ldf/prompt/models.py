@@ -122,6 +122,8 @@ class DetectorOutcome(BaseModel):
     n_dia_sources: int = 0
     n_new_objects: int = 0
     n_alerts: int = 0
+    apdb_store: str | None = None
+    """'stored', 'buffered' (APDB unavailable: kept for replay) or 'already-stored'."""
     alerts_handed_unix: float | None = None
     """When the alerts were handed to distribution (wall clock)."""
     validation: dict[str, Any] = Field(default_factory=dict)

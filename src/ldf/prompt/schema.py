@@ -77,6 +77,7 @@ class SQLJob(Base):
     n_dia_sources: Mapped[int] = mapped_column(Integer, default=0)
     n_new_objects: Mapped[int] = mapped_column(Integer, default=0)
     n_alerts: Mapped[int] = mapped_column(Integer, default=0)
+    apdb_store: Mapped[str | None] = mapped_column(String(16), nullable=True)
     offline: Mapped[bool] = mapped_column(Boolean, default=False)
 
 

@@ -187,6 +187,7 @@ class PromptStore(SqlStore):
             row.n_dia_sources = outcome.n_dia_sources
             row.n_new_objects = outcome.n_new_objects
             row.n_alerts = outcome.n_alerts
+            row.apdb_store = outcome.apdb_store
             row.alerts_handed_unix = outcome.alerts_handed_unix
             row.finished_unix = finished_unix if finished_unix is not None else time.time()
 

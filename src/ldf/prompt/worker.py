@@ -110,16 +110,12 @@ def process_detector(job_json: str) -> str:
 
 
 def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
-    from ldf.butler.formatters import RawImage
     from ldf.sim.instruments import get_instrument
 
     local = InputPaths(Path(job.scratch))
     home = InputPaths(Path(job.home))
     with timer("read"):
-        try:
-            raw = RawImage.read(job.raw_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DetectorError("read", f"cannot read raw {job.raw_path}: {exc}") from exc
+        raw = isr.read_raw(job.raw_path)
         info = VisitInfo.from_header(raw.metadata)
     camera = get_instrument(info.instrument, job.camera_scale)
     calib_set = _load_calibs(local, home, info)
@@ -197,11 +193,23 @@ def _back_end(
         visit_time = Time(info.mjd_mid_tai, format="mjd", scale="tai")
         objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
         result = association.associate(
-            sources, objects, info=info, radius_arcsec=job.association_radius_arcsec
+            sources,
+            objects,
+            info=info,
+            radius_arcsec=job.association_radius_arcsec,
+            history=history,
         )
         forced = dia.forced_photometry(diff.difference, science, objects)
         forced = association.prepare_forced(forced, info=info)
-        db.store_or_buffer(visit_time, result.objects, result.sources, forced)
+        stored = db.store_or_buffer(
+            visit_time,
+            result.objects,
+            result.sources,
+            forced,
+            visit=info.exposure_id,
+            detector=info.detector_id,
+        )
+        outcome.apdb_store = stored
     outcome.n_dia_sources = len(result.sources)
     outcome.n_new_objects = int(result.n_new)
     if job.offline:

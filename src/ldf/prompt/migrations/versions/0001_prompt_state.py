@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 21:53:46.163059
+Create Date: 2026-11-21 22:06:42.996276
 
 """
 
@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("n_dia_sources", sa.Integer(), nullable=False),
         sa.Column("n_new_objects", sa.Integer(), nullable=False),
         sa.Column("n_alerts", sa.Integer(), nullable=False),
+        sa.Column("apdb_store", sa.String(length=16), nullable=True),
         sa.Column("offline", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("exposure_id", "detector", name=op.f("pk_prompt_job")),
     )
