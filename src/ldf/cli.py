@@ -51,6 +51,7 @@ def _register_subapps() -> None:
     from ldf.ocs.cli import app as ocs_app
     from ldf.oods.cli import app as oods_app
     from ldf.prompt.cli import app as prompt_app
+    from ldf.prompt.cli import calibs_app, refcat_app, templates_app
     from ldf.sim.cli import app as sim_app
 
     app.command("night")(night_cmd)
@@ -60,6 +61,9 @@ def _register_subapps() -> None:
     app.add_typer(archiver_app, name="archiver")
     app.add_typer(oods_app, name="oods")
     app.add_typer(prompt_app, name="prompt")
+    app.add_typer(templates_app, name="templates")
+    app.add_typer(calibs_app, name="calibs")
+    app.add_typer(refcat_app, name="refcat")
     from ldf.serve import app as serve_app
 
     app.add_typer(serve_app, name="serve")

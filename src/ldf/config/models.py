@@ -175,6 +175,28 @@ class SimSettings(_Strict):
         description="Science CCDs per LSSTCam visit, nearest the centre (9: raft R22; None: all).",
     )
     day_obs: int = Field(default=20261121, description="Observing day (YYYYMMDD, Rubin's).")
+    transient_rate_deg2: float = Field(
+        default=500.0,
+        ge=0,
+        description="Injected transients per deg² whose light curve starts in each 50-day "
+        "epoch (at full detector size, ~25 per CCD: enough to validate difference imaging).",
+    )
+    variable_density_deg2: float = Field(
+        default=100.0, ge=0, description="Injected periodic variable stars per deg²."
+    )
+    density_scale: float | None = Field(
+        default=None,
+        gt=0,
+        description="Multiplies the sky's stars, transients and variables. None: 1/scale² "
+        "(at most 50), so a shrunk detector sees as many as a full-size one (PSF, astrometry "
+        "and photometry need tens of stars per CCD).",
+    )
+
+    def sky(self, scale: float | None = None) -> tuple[float, float, float]:
+        """(star density scale, transient rate, variable density) of the simulated sky."""
+        s = self.scale if scale is None else scale
+        k = self.density_scale or min(50.0, max(1.0, 1.0 / (s * s)))
+        return (k, self.transient_rate_deg2 * k, self.variable_density_deg2 * k)
 
 
 class _Policy(_Strict):

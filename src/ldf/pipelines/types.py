@@ -221,7 +221,7 @@ class Exposure:
     @property
     def shape(self) -> tuple[int, int]:
         """(ny, nx)."""
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape
 
     def njy_per_electron(self) -> float:
         """nJy of a source per electron it gives in this exposure.

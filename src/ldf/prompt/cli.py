@@ -135,3 +135,111 @@ def catchup(
         print_json({"processed": n, "states": counts})
         return
     console.print(f"processed {n} detector(s) offline · states {counts}")
+
+
+templates_app = typer.Typer(help="Difference-imaging templates.", no_args_is_help=True)
+calibs_app = typer.Typer(help="Master calibrations for Prompt Processing.", no_args_is_help=True)
+refcat_app = typer.Typer(
+    help="The reference catalogue (astrometry, photometry).", no_args_is_help=True
+)
+
+Band = Annotated[str, typer.Option("--band", "-b", help="Band (ugrizy).")]
+Ra = Annotated[float, typer.Option("--ra", help="Centre right ascension, degrees.")]
+Dec = Annotated[float, typer.Option("--dec", help="Centre declination, degrees.")]
+Radius = Annotated[float, typer.Option("--radius", help="Radius, degrees.")]
+Scale = Annotated[
+    float | None, typer.Option("--scale", help="Simulator detector scale (default: config).")
+]
+
+
+@templates_app.command("build")
+def templates_build(
+    ctx: typer.Context,
+    band: Band,
+    ra: Ra,
+    dec: Dec,
+    radius: Radius = 0.3,
+    instrument: Instrument = "LSSTCam",
+    scale: Scale = None,
+    max_visits: Annotated[int, typer.Option(help="Best-seeing visits per detector.")] = 10,
+    as_json: Json = False,
+) -> None:
+    """Build the templates of a sky region from archived visits (ISR → calibration → coadd)."""
+    from ldf.cliutil import err_console
+    from ldf.prompt.products import build_templates
+
+    settings = settings_from(ctx)
+    n = build_templates(
+        settings,
+        instrument,
+        band,
+        ra,
+        dec,
+        radius,
+        scale=scale or settings.sim.scale,
+        max_visits=max_visits,
+        status=None if as_json else err_console.print,
+    )
+    if as_json:
+        print_json({"templates": n, "band": band})
+    else:
+        console.print(f"{n} {band}-band template patch(es) written")
+
+
+@calibs_app.command("build")
+def calibs_build(
+    ctx: typer.Context,
+    day_obs: Annotated[int, typer.Option("--day-obs", help="Day of the calibration block.")],
+    instrument: Instrument = "LSSTCam",
+    scale: Scale = None,
+    as_json: Json = False,
+) -> None:
+    """Master bias, dark and flats from a day's archived calibration exposures."""
+    from ldf.cliutil import err_console
+    from ldf.prompt.products import build_calibs
+
+    settings = settings_from(ctx)
+    report = build_calibs(
+        settings,
+        instrument,
+        day_obs,
+        scale=scale or settings.sim.scale,
+        status=None if as_json else err_console.print,
+    )
+    if as_json:
+        print_json(report)
+    else:
+        console.print(
+            f"{len(report['written'])} master calibration(s) for {report['detectors']} "
+            f"detector(s); {len(report['skipped'])} detector(s) skipped"
+        )
+
+
+@refcat_app.command("ingest")
+def refcat_ingest(
+    ctx: typer.Context,
+    ra: Ra,
+    dec: Dec,
+    radius: Radius = 1.0,
+    mag_limit: Annotated[float, typer.Option(help="Faintest r magnitude kept.")] = 21.0,
+    seed: Annotated[int | None, typer.Option(help="Simulated sky seed (default: config).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Ingest the reference catalogue of a region (the simulated sky stands in for Gaia)."""
+    from ldf.pipelines.refcat import RefcatStore
+    from ldf.prompt.inputs import InputPaths
+    from ldf.prompt.seed import night_sky
+
+    settings = settings_from(ctx)
+    store = RefcatStore(InputPaths(settings.home).refcat)
+    shards = store.ingest_region(
+        night_sky(seed if seed is not None else settings.sim.seed, settings.sim.sky()),
+        ra,
+        dec,
+        radius,
+        mag_limit=mag_limit,
+    )
+    if as_json:
+        print_json({"new_shards": shards})
+    else:
+        console.print(f"{len(shards)} new shard(s) in {store.root}")

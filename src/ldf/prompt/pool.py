@@ -13,6 +13,7 @@ new executor and tells the caller which jobs were lost, so it can retry or repor
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,6 +23,10 @@ from typing import Any
 __all__ = ["WarmPool"]
 
 _PRELOAD = ["ldf.prompt.worker"]
+
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+"""glibc: keep freed memory in the worker instead of returning it to the kernel, so each
+detector's big temporaries do not page-fault afresh (measured: ~10 % of difference imaging)."""
 
 
 class WarmPool:
@@ -43,6 +48,8 @@ class WarmPool:
         initargs: tuple[Any, ...] = (),
     ) -> None:
         self.workers = workers
+        for key, value in _MALLOC_ENV.items():  # inherited by the forkserver and its workers
+            os.environ.setdefault(key, value)
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._initializer = initializer

@@ -105,7 +105,7 @@ def seed_survey(
     home = InputPaths(settings.home)
     fields = fields_of_plan(visits)
     bands = sorted({f.band for f in fields})
-    sky = night_sky(seed)
+    sky = night_sky(seed, settings.sim.sky(scale))
     report: dict[str, Any] = {"refcat_shards": 0, "calibs": 0, "template_visits": 0, "templates": 0}
     if not fields:
         return report
@@ -140,16 +140,16 @@ def seed_survey(
         )
         for f in todo:
             report["templates"] += build_templates(
-                settings, instrument, f.band, f.ra_deg, f.dec_deg, radius, scale=scale
+                settings, instrument, f.band, f.ra_deg, f.dec_deg, radius, scale=scale, status=say
             )
     return report
 
 
-def night_sky(seed: int) -> Any:
-    """The simulated sky of a night (the same the camera renders)."""
+def night_sky(seed: int, params: tuple[float, float, float] = (1.0, 20.0, 50.0)) -> Any:
+    """The simulated sky of a night (the same the camera renders: see NightOptions.sky)."""
     from ldf.sim.night import _sky
 
-    return _sky(seed)
+    return _sky(seed, tuple(params))
 
 
 def _render_raws(
@@ -171,10 +171,11 @@ def _render_raws(
 
 def _prev_day(day_obs: int, days: int) -> tuple[int, float]:
     """(day_obs, an afternoon TAI MJD) ``days`` before ``day_obs``."""
+    import astropy.units as u
     from astropy.time import Time
 
     s = str(day_obs)
-    t = Time(f"{s[:4]}-{s[4:6]}-{s[6:]}T19:00:00", scale="utc") - days
+    t = Time(f"{s[:4]}-{s[4:6]}-{s[6:]}T19:00:00", scale="utc") - days * u.day
     return int(t.strftime("%Y%m%d")), float(t.tai.mjd)
 
 

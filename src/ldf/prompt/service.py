@@ -83,6 +83,8 @@ class PromptService:
         self.policy = settings.policies.prompt.model_copy()
         self.preloader = Preloader(settings.home, settings.home / "prompt" / "scratch")
         self.camera_scale = settings.sim.scale
+        self.detectors: list[str] | None = None
+        """The detectors the camera reads out (None: the configured set)."""
         self.publish_telemetry: TelemetryPublisher | None = None
         self._pool: WarmPool | None = None
         self._qa_queue: Any = None
@@ -144,13 +146,14 @@ class PromptService:
         names = payload.get("detectors")
         if isinstance(names, list) and names:
             return [str(n) for n in names]
-        from ldf.sim.instruments import get_instrument
+        if self.detectors is not None:
+            return list(self.detectors)
+        from ldf.sim.night import detectors_for
 
-        camera = get_instrument(self.instrument, self.camera_scale)
-        wanted = self.settings.instruments.get(self.instrument)
+        wanted = self.settings.instruments.get(self.instrument)  # type: ignore[call-overload]
         if wanted is not None and wanted.detectors:
             return list(wanted.detectors)
-        return [d.name for d in camera.science_detectors]
+        return detectors_for(self.instrument, self.camera_scale, self.settings.sim.detectors)
 
     def on_end_readout(self, exposure_id: int, readout_unix: float) -> None:
         """The camera finished reading out a visit (the latency clock starts)."""

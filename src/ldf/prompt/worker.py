@@ -13,11 +13,9 @@ FAILED outcome naming the stage and the reason, never an exception that kills th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +28,14 @@ from ldf.pipelines import (
     alertpacket,
     apdb,
     association,
-    astrometry,
     calibs,
-    characterize,
     dia,
     diffim,
     isr,
-    photometry,
     refcat,
     templates,
 )
+from ldf.pipelines.singleframe import StageTimer, single_frame
 from ldf.pipelines.types import DetectorError, VisitInfo
 from ldf.prompt.inputs import InputPaths
 from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
@@ -58,21 +54,6 @@ def init_worker(qa_queue: Any) -> None:
 def _send_qa(job: DetectorJob, name: str, qa: dict[str, Any]) -> None:
     if _qa_queue is not None:
         _qa_queue.put((job.exposure_id, job.detector, name, qa, job.offline))
-
-
-class _Timer:
-    def __init__(self, out: dict[str, float]) -> None:
-        self.out = out
-        self.stage = ""
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        self.stage = stage
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.out[stage] = round(self.out.get(stage, 0.0) + time.perf_counter() - t0, 4)
 
 
 def _finite(qa: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +75,7 @@ def process_detector(job_json: str) -> str:
     outcome = DetectorOutcome(
         exposure_id=job.exposure_id, detector=job.detector, state=JobState.DONE
     )
-    timer = _Timer(outcome.stage_s)
+    timer = StageTimer(outcome.stage_s)
     try:
         _run(job, outcome, timer)
     except DetectorError as exc:
@@ -103,13 +84,13 @@ def process_detector(job_json: str) -> str:
         outcome.reason = exc.reason
     except Exception as exc:  # a bug or an unforeseen input: report it, keep the worker
         outcome.state = JobState.FAILED
-        outcome.failed_stage = timer.stage or "unknown"
+        outcome.failed_stage = timer.current or "unknown"
         last = traceback.extract_tb(exc.__traceback__)[-1]
         outcome.reason = f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
     return outcome.model_dump_json()
 
 
-def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
+def _run(job: DetectorJob, outcome: DetectorOutcome, timer: StageTimer) -> None:
     from ldf.sim.instruments import get_instrument
 
     local = InputPaths(Path(job.scratch))
@@ -127,34 +108,15 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
         _send_qa(job, "calibrationQA", outcome.qa)
         return
 
-    with timer("isr"):
-        exposure = isr.run_isr(raw, camera, calib_set)
-    with timer("characterize"):
-        char = characterize.characterize(exposure)
-    with timer("astrometry"):
-        ref = refcat.RefcatStore(_first_existing(local.refcat, home.refcat))
-        ra, dec, radius = _footprint(char.exposure)
-        ref_stars = ref.load_region(ra, dec, radius)
-        ast = astrometry.fit_astrometry(char.exposure, char.sources, ref_stars)
-    with timer("photometry"):
-        phot = photometry.calibrate_photometry(char.exposure, char.sources, ref_stars, ast.matches)
-    science = char.exposure
-    outcome.qa = _finite(
-        {
-            "seeing_arcsec": char.seeing_arcsec,
-            "psf_e1": char.psf_e1,
-            "psf_e2": char.psf_e2,
-            "psf_ellipticity": char.ellipticity,
-            "sky_e_per_pixel": char.sky_e_per_pixel,
-            "n_sources": char.n_sources,
-            "pointing_offset_ra_arcsec": ast.offset_ra_arcsec,
-            "pointing_offset_dec_arcsec": ast.offset_dec_arcsec,
-            "astrometry_rms_arcsec": ast.rms_arcsec,
-            "zero_point": phot.zero_point,
-            "zero_point_err": phot.zero_point_err,
-            "band": info.band,
-        }
+    frame = single_frame(
+        raw,
+        camera,
+        calib_set,
+        refcat.RefcatStore(_first_existing(local.refcat, home.refcat)),
+        timer=timer,
     )
+    science = frame.exposure
+    outcome.qa = _finite(frame.quality())
     if job.qa_first:
         _send_qa(job, "imageQuality", outcome.qa)
 
@@ -162,7 +124,7 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
         outcome.state = JobState.TIMEOUT
         outcome.reason = "science timeout passed before difference imaging"
         return
-    _back_end(job, outcome, timer, science, char, local, home, info)
+    _back_end(job, outcome, timer, science, frame.characterization, local, home, info)
     if not job.qa_first:
         _send_qa(job, "imageQuality", outcome.qa)
 
@@ -170,7 +132,7 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: _Timer) -> None:
 def _back_end(
     job: DetectorJob,
     outcome: DetectorOutcome,
-    timer: _Timer,
+    timer: StageTimer,
     science: Any,
     char: Any,
     local: InputPaths,
@@ -181,7 +143,9 @@ def _back_end(
 
     with timer("diffim"):
         store = templates.TemplateStore(_first_existing(local.templates, home.templates))
-        template = store.warp_to(info.band, science.wcs, science.shape)
+        if not info.band:
+            raise DetectorError("diffim", "the raw header names no band (FILTBAND)")
+        template = store.warp_to(info.band, science.wcs, science.shape, info=info)
         diff = diffim.subtract(science, template, sources=char.sources)
     with timer("dia"):
         sources = dia.detect_dia_sources(
@@ -191,7 +155,15 @@ def _back_end(
         db = apdb.PromptApdb.open(home.apdb_config)
         ra, dec, radius = _footprint(science)
         visit_time = Time(info.mjd_mid_tai, format="mjd", scale="tai")
-        objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
+        try:
+            objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
+        except apdb.ApdbUnavailableError as exc:
+            # Without the APDB's history association would invent duplicate DiaObjects: leave
+            # the detector to offline catch-up (nothing is lost: the raw is archived).
+            outcome.state = JobState.OFFLINE
+            outcome.failed_stage = "association"
+            outcome.reason = f"APDB unavailable, left for offline catch-up: {exc}"
+            return
         result = association.associate(
             sources,
             objects,

@@ -48,15 +48,17 @@ def options_from(
 
     sim = settings.sim
     dets = sim.detectors if detectors is None else (None if detectors == 0 else detectors)
+    scale = sim.scale if scale is None else scale
     instruments = tuple(n for n, i in settings.instruments.items() if i.enabled)
     return NightOptions(
         day_obs=day_obs or sim.day_obs,
         visits=sim.visits if visits is None else visits,
         seed=sim.seed if seed is None else seed,
-        scale=sim.scale if scale is None else scale,
+        scale=scale,
         detectors=dets,
         instruments=instruments,
         workers=settings.batch.workers,
+        sky=sim.sky(scale),
         **extra,
     )
 

@@ -89,6 +89,9 @@ class NightOptions:
     """Rendering processes (0: render in this process)."""
     lookahead: int = 4
     """Exposures rendered ahead of the event stream."""
+    sky: tuple[float, float, float] = (1.0, 20.0, 50.0)
+    """The simulated sky: (star density scale, transients per deg² per 50-day epoch, periodic
+    variables per deg²); see :class:`ldf.sim.sky.Sky`."""
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
@@ -156,6 +159,7 @@ class _Task:
     visit_json: str
     seed: int
     daq_root: str
+    sky: tuple[float, float, float] = (1.0, 20.0, 50.0)
 
 
 @lru_cache(maxsize=4)
@@ -166,10 +170,16 @@ def _instrument(name: str, scale: float) -> Any:
 
 
 @lru_cache(maxsize=2)
-def _sky(seed: int) -> Any:
+def _sky(seed: int, params: tuple[float, float, float] = (1.0, 20.0, 50.0)) -> Any:
     from ldf.sim.sky import Sky
 
-    return Sky(seed)
+    stars, transients, variables = params
+    return Sky(
+        seed,
+        star_density_scale=stars,
+        transient_rate_deg2=transients,
+        variable_density_deg2=variables,
+    )
 
 
 def render_to_daq(task: _Task) -> tuple[str, list[dict[str, Any]], int, float]:
@@ -183,7 +193,7 @@ def render_to_daq(task: _Task) -> tuple[str, list[dict[str, Any]], int, float]:
     inst = _instrument(task.instrument, task.scale)
     visit = VisitSpec.model_validate_json(task.visit_json)
     readout = render_detector(
-        inst, inst.detector(task.detector), visit, _sky(task.seed), seed=task.seed
+        inst, inst.detector(task.detector), visit, _sky(task.seed, task.sky), seed=task.seed
     )
     manifest = DaqStore(Path(task.daq_root)).write_detector(visit, task.detector, readout.amps)
     rows = [r.model_dump(mode="json") for r in readout.truth]
@@ -314,7 +324,13 @@ async def run_night(
             v = p.visit
             tasks = [
                 _Task(
-                    v.instrument, options.scale, d, v.model_dump_json(), options.seed, str(daq.root)
+                    v.instrument,
+                    options.scale,
+                    d,
+                    v.model_dump_json(),
+                    options.seed,
+                    str(daq.root),
+                    options.sky,
                 )
                 for d in dets[v.instrument]
             ]
