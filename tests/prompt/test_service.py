@@ -1,0 +1,349 @@
+"""Prompt Processing end to end on a seeded facility: yield, latency, faults, policies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from ldf.pipelines.alertpacket import AlertSchema, LocalAlertSink
+from ldf.pipelines.apdb import PromptApdb
+from ldf.prompt.inputs import InputPaths
+from ldf.prompt.models import JobState
+from tests.prompt.conftest import DETECTORS, Facility, announce, write_raws
+
+
+def _states(svc: Any, exposure_id: int) -> dict[str, str]:
+    return {j["detector"]: j["state"] for j in svc.store.jobs(exposure_id)}
+
+
+def test_visit_is_processed_into_alerts_apdb_and_qa(facility: Facility, make_service: Any) -> None:
+    svc = make_service()
+    sent: list[tuple[str, dict[str, Any]]] = []
+    svc.publish_telemetry = lambda name, payload: sent.append((name, payload)) or True
+    visit = facility.visits[0]
+    announce(svc, visit)
+    assert svc.run(until_idle=True) == len(DETECTORS)
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}, [j["reason"] for j in jobs]
+    home = InputPaths(facility.settings.home)
+    schema = AlertSchema.latest()
+    total = 0
+    for j in jobs:
+        assert set(j["stage_s"]) >= {
+            "isr",
+            "characterize",
+            "diffim",
+            "dia",
+            "association",
+            "alerts",
+        }
+        assert j["apdb_store"] == "stored"
+        packets = LocalAlertSink(home.alerts).read(visit.exposure_id, j["detector"])
+        assert len(packets) == j["n_alerts"] == j["n_dia_sources"]
+        for p in packets:
+            alert = schema.deserialize(p)
+            assert alert["diaSource"]["visit"] == visit.exposure_id
+            assert alert["cutoutDifference"]
+        total += len(packets)
+    assert total > 0
+    counts = PromptApdb.open(home.apdb_config).counts()
+    assert counts["DiaSource"] == total
+    # Image quality reached the observatory: measured seeing and pointing near the truth.
+    quality = [p for n, p in sent if n == "imageQuality"]
+    assert len(quality) == len(DETECTORS)
+    cond = visit.conditions
+    assert cond is not None
+    for q in quality:
+        assert q["seeing_arcsec"] == pytest.approx(cond.seeing_fwhm_arcsec, rel=0.05)
+        assert q["pointing_offset_east_arcsec"] == pytest.approx(cond.pointing_dra_arcsec, abs=0.3)
+        assert q["pointing_offset_north_arcsec"] == pytest.approx(
+            cond.pointing_ddec_arcsec, abs=0.3
+        )
+    assert svc.store.unsent_telemetry() == []
+    (report,) = svc.reports()
+    assert report.done == len(DETECTORS)
+    assert report.alerts == total
+    assert report.latency_p50_s is not None
+    assert 0 < report.latency_p50_s <= report.latency_p98_s  # type: ignore[operator]
+    assert report.within_ott1 == 1.0
+    # The preloaded scratch copy is removed once the visit is done.
+    assert not svc.preloader.scratch_for(visit.exposure_id).exists()
+
+
+def test_missing_calibration_fails_one_detector_with_its_reason(
+    facility: Facility, make_service: Any
+) -> None:
+    visit = facility.visits[0]
+    flat = InputPaths(facility.settings.home).calib("LSSTCam", DETECTORS[1], "flat", visit.band)
+    flat.unlink()
+    svc = make_service()
+    announce(svc, visit)
+    svc.run(until_idle=True)
+    jobs = {j["detector"]: j for j in svc.store.jobs(visit.exposure_id)}
+    assert jobs[DETECTORS[0]]["state"] == "done"
+    bad = jobs[DETECTORS[1]]
+    assert bad["state"] == "failed"
+    assert bad["failed_stage"] == "preload"
+    assert f"{visit.band}-band flat" in bad["reason"]
+    assert "ldf calibs build" in bad["reason"]
+
+
+def test_missing_template_fails_clearly(facility: Facility, make_service: Any) -> None:
+    import shutil
+
+    visit = facility.visits[0]
+    shutil.rmtree(InputPaths(facility.settings.home).templates / str(visit.band))
+    svc = make_service()
+    announce(svc, visit)
+    svc.run(until_idle=True)
+    for j in svc.store.jobs(visit.exposure_id):
+        assert j["state"] == "failed"
+        assert "template" in j["reason"]
+
+
+def test_corrupt_raw_fails_that_detector_only(facility: Facility, make_service: Any) -> None:
+    svc = make_service()
+    visit = facility.visits[0]
+    raws = announce(svc, visit)
+    path = raws[DETECTORS[0]]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    svc.run(until_idle=True)
+    jobs = {j["detector"]: j for j in svc.store.jobs(visit.exposure_id)}
+    assert jobs[DETECTORS[0]]["state"] == "failed"
+    assert jobs[DETECTORS[0]]["failed_stage"] == "isr"
+    assert "truncated" in jobs[DETECTORS[0]]["reason"] or "damaged" in jobs[DETECTORS[0]]["reason"]
+    assert jobs[DETECTORS[1]]["state"] == "done"
+
+
+def test_worker_killed_mid_detector_is_retried(facility: Facility, make_service: Any) -> None:
+    svc = make_service()
+    visit = facility.visits[0]
+    announce(svc, visit)
+    svc.start()
+    pool = svc.pool
+    assert pool is not None
+    killed = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if svc.store.counts().get("running"):
+                for pid in pool.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.005)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    svc.run(until_idle=True)
+    t.join()
+    assert killed.is_set()
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}, [j["reason"] for j in jobs]
+    assert max(j["attempts"] for j in jobs) == 2
+    assert pool.restarts >= 1
+
+
+def test_worker_dying_every_time_is_reported_not_retried_forever(
+    facility: Facility, make_service: Any
+) -> None:
+    svc = make_service(max_attempts=1)
+    visit = facility.visits[0]
+    announce(svc, visit)
+    svc.start()
+    pool = svc.pool
+    assert pool is not None
+
+    def killer() -> None:
+        while not svc.store.counts().get("running"):
+            time.sleep(0.005)
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    svc.run(until_idle=True)
+    t.join()
+    states = [j for j in svc.store.jobs(visit.exposure_id) if j["state"] == "failed"]
+    assert states
+    assert all("worker process died" in j["reason"] for j in states)
+
+
+def test_timeout_hands_detectors_to_offline_catchup(facility: Facility, make_service: Any) -> None:
+    svc = make_service(science_timeout_s=5.0)
+    visit = facility.visits[0]
+    announce(svc, visit, readout_unix=time.time() - 60)  # readout a minute ago: too late
+    svc.run(until_idle=True)
+    assert set(_states(svc, visit.exposure_id).values()) == {"timeout"}
+    (report,) = svc.reports()
+    assert report.timeout == len(DETECTORS)
+    assert report.alerts == 0
+    # Offline catch-up: same code, APDB updated, no alerts, QA kept (late, not sent).
+    sent: list[Any] = []
+    svc.publish_telemetry = lambda name, payload: sent.append(name) or True
+    assert svc.run_offline() == len(DETECTORS)
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}
+    assert all(j["n_alerts"] == 0 and j["n_dia_sources"] > 0 for j in jobs)
+    home = InputPaths(facility.settings.home)
+    assert PromptApdb.open(home.apdb_config).counts()["DiaSource"] == sum(
+        j["n_dia_sources"] for j in jobs
+    )
+    assert not list(home.alerts.glob("*/*.alerts"))
+    late = svc.store.unsent_telemetry()
+    assert len(late) == len(DETECTORS)
+    assert all(m["late"] for m in late)
+    assert sent == []
+
+
+def test_backlog_skip_to_newest(facility: Facility, make_service: Any) -> None:
+    svc = make_service(backlog="skip-to-newest")
+    old, new = facility.visits[0], facility.visits[1]
+    announce(svc, old)
+    announce(svc, new)
+    svc.run(until_idle=True)
+    assert set(_states(svc, old.exposure_id).values()) == {"skipped"}
+    assert set(_states(svc, new.exposure_id).values()) == {"done"}
+
+
+def test_policy_changes_are_validated(make_service: Any) -> None:
+    from ldf.errors import UserInputError
+
+    svc = make_service()
+    assert svc.set_policy(qa_first=False, science_timeout_s=30).science_timeout_s == 30
+    with pytest.raises(UserInputError, match="unknown prompt policy"):
+        svc.set_policy(nonsense=1)
+    with pytest.raises(UserInputError, match="invalid prompt policy"):
+        svc.set_policy(backlog="whenever")
+
+
+@pytest.mark.parametrize("qa_first", [True, False])
+def test_qa_first_sends_quality_even_when_science_times_out(
+    facility: Facility, qa_first: bool
+) -> None:
+    import multiprocessing as mp
+
+    from ldf.prompt.models import DetectorJob, DetectorOutcome
+    from ldf.prompt.worker import init_worker, process_detector
+
+    visit = facility.visits[0]
+    raws = write_raws(facility, visit, [DETECTORS[0]])
+    q = mp.get_context("spawn").Queue()
+    init_worker(q)
+    try:
+        job = DetectorJob(
+            instrument="LSSTCam",
+            exposure_id=visit.exposure_id,
+            detector=DETECTORS[0],
+            raw_path=str(raws[DETECTORS[0]]),
+            scratch=str(facility.settings.home / "none"),
+            home=str(facility.settings.home),
+            camera_scale=facility.settings.sim.scale,
+            qa_first=qa_first,
+            deadline_unix=time.time() - 1,  # the visit's timeout has already passed
+        )
+        outcome = DetectorOutcome.model_validate_json(process_detector(job.model_dump_json()))
+    finally:
+        init_worker(None)
+    assert outcome.state is JobState.TIMEOUT
+    assert outcome.qa["seeing_arcsec"] > 0
+    messages = []
+    while True:
+        try:
+            messages.append(q.get(timeout=0.5))
+        except Exception:
+            break
+    assert len(messages) == (1 if qa_first else 0)
+
+
+def test_calibration_exposure_gets_calibration_qa(facility: Facility, make_service: Any) -> None:
+    svc = make_service()
+    sent: list[tuple[str, dict[str, Any]]] = []
+    svc.publish_telemetry = lambda name, payload: sent.append((name, payload)) or True
+    bias = next(v for v in facility.calib_visits if v.obs_type == "bias")
+    svc.on_next_visit(bias.model_dump(mode="json"), detectors=DETECTORS)
+    raws = write_raws(facility, bias)
+    for det, path in raws.items():
+        svc.on_image(bias.exposure_id, det, path)
+    svc.run(until_idle=True)
+    assert set(_states(svc, bias.exposure_id).values()) == {"done"}
+    qa = [p for n, p in sent if n == "calibrationQA"]
+    assert len(qa) == len(DETECTORS)
+    assert all(p["obs_type"] == "bias" and p["ok"] for p in qa)
+
+
+_KILL_SCRIPT = """
+import sys, time, threading
+from ldf.config import Settings
+from ldf.prompt.service import PromptService
+svc = PromptService.open(Settings(), "LSSTCam")
+svc.set_policy(workers=1)
+threading.Thread(target=svc.run, daemon=True).start()
+while not svc.store.counts().get("running"):
+    time.sleep(0.01)
+print("running", flush=True)
+time.sleep(60)
+"""
+
+
+def test_service_killed_with_kill_9_resumes_its_queue(
+    facility: Facility, make_service: Any
+) -> None:
+    svc = make_service()
+    visit = facility.visits[0]
+    announce(svc, visit)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LDF_HOME": str(facility.settings.home), "LDF_SIM__SCALE": "0.15"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "running"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert svc.store.counts().get("running") == 1  # left behind by the dead service
+    svc.run(until_idle=True)  # start() recovers it
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}
+    assert max(j["attempts"] for j in jobs) == 2
+
+
+def test_apdb_down_leaves_detectors_for_catchup_and_loses_nothing(
+    facility: Facility, make_service: Any
+) -> None:
+    home = InputPaths(facility.settings.home)
+    db = home.apdb / "apdb.sqlite3"
+    hidden = db.with_suffix(".hidden")
+    svc = make_service()
+    visit = facility.visits[0]
+    announce(svc, visit)
+    db.rename(hidden)
+    db.parent.chmod(0o500)  # SQLite cannot create a new file here: the APDB is down
+    try:
+        svc.run(until_idle=True)
+    finally:
+        db.parent.chmod(0o700)
+        hidden.rename(db)
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"offline"}, [j["reason"] for j in jobs]
+    assert all("APDB unavailable" in j["reason"] for j in jobs)
+    # Back up: catch-up stores everything.
+    svc.run_offline()
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}
+    n = sum(j["n_dia_sources"] for j in jobs)
+    assert n > 0
+    assert PromptApdb.open(home.apdb_config).counts()["DiaSource"] == n
