@@ -1,10 +1,15 @@
 """``ldf night``: an observing night through the whole facility, the main job.
 
-Today: the simulated observatory (scheduler, cameras, DAQ) → the archivers (one OCS device
-per instrument) → the OODS (raw FITS at predictable paths, its Butler, HTTP) → the Data
-Backbone (catalogued at the base, replicated by rule to the archive and the DR site). The
-summary reports, per instrument, exposures and files archived, bytes, and the readout →
-in-OODS latency (p50/p99) of every detector file. Later services extend this module.
+The simulated observatory (scheduler, cameras, DAQ) → the archivers (one OCS device per
+instrument) → the OODS (raw FITS at predictable paths, its Butler, HTTP) → the Data Backbone
+(catalogued at the base, replicated by rule to the archive and the DR site), and LSSTCam
+Prompt Processing (``MTPrompt``: preload on nextVisit, every detector processed on arrival in
+the OODS, alerts to the local sink, QA as telemetry). Before the first night the survey so
+far is seeded (reference catalogue, master calibrations, templates from archived earlier
+visits). The summary reports, per instrument, exposures and files archived, bytes, the
+readout → in-OODS latency (p50/p99) of every detector file; and per visit the readout →
+alerts latency (p50/p98 against OTT1), alerts, the recovery of injected transients, false
+DiaSources and image quality against the simulator's truth. Later services extend it.
 """
 
 from __future__ import annotations
@@ -57,10 +62,17 @@ async def run_facility_night(
     from ldf.archiver.service import Archiver
     from ldf.backbone.service import Backbone
     from ldf.ocs.health import serve_health
+    from ldf.prompt.device import PromptDevice
+    from ldf.prompt.nightly import prepare_prompt, summarize_prompt
+    from ldf.prompt.service import PromptService
     from ldf.sim.daq import DaqStore
     from ldf.sim.devices import Observatory
     from ldf.sim.night import run_night
 
+    do_prompt = "LSSTCam" in options.instruments and options.visits > 0
+    seeded: dict[str, Any] = {}
+    if do_prompt:
+        seeded = await asyncio.to_thread(prepare_prompt, settings, options, status=on_status)
     bb = Backbone.open(settings)
     _ensure_rules(bb)
     stop_transfers = threading.Event()
@@ -72,6 +84,7 @@ async def run_facility_night(
     )
     transfers.start()
     archivers: list[ArchiverDevice] = []
+    prompt: PromptDevice | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
@@ -86,10 +99,19 @@ async def run_facility_night(
                 await dev.execute("start")
                 await dev.execute("enable")
                 archivers.append(dev)
-            if http_port is not None:
-                url = await stack.enter_async_context(
-                    serve_health([*obs.devices.values(), *archivers], port=http_port)
+            if do_prompt:
+                service = PromptService.open(settings, "LSSTCam")
+                service.detectors = seeded["detectors"]
+                service.camera_scale = options.scale
+                prompt = PromptDevice(
+                    service, obs.bus, heartbeat_interval_s=settings.bus.heartbeat_interval_s
                 )
+                await prompt.open()
+                await prompt.execute("start")
+                await prompt.execute("enable")
+            if http_port is not None:
+                devices = [*obs.devices.values(), *archivers, *([prompt] if prompt else [])]
+                url = await stack.enter_async_context(serve_health(devices, port=http_port))
                 if on_status:
                     on_status(f"health: {url}/health · metrics: {url}/metrics")
             by_instrument = {dev.archiver.instrument: dev for dev in archivers}
@@ -100,6 +122,8 @@ async def run_facility_night(
                 dev = by_instrument.get(instrument)
                 if dev is not None:
                     await dev.wait_backlog(max_exposures=1, timeout_s=120.0)
+                if prompt is not None and instrument == "LSSTCam":
+                    await prompt.wait_backlog(max_visits=1, timeout_s=120.0)
 
             sim = await run_night(
                 options,
@@ -115,6 +139,22 @@ async def run_facility_night(
                 expected = sim.instruments[dev.archiver.instrument].exposures
                 if not await dev.drain(exposures=expected) and on_status:
                     on_status(f"{dev.name}: still busy after the drain timeout")
+            prompt_summary: dict[str, Any] | None = None
+            if prompt is not None:
+                if on_status:
+                    on_status("prompt processing the last visits…")
+                await prompt.drain(timeout_s=600.0)
+                prompt_summary = await asyncio.to_thread(
+                    summarize_prompt,
+                    settings,
+                    prompt.service,
+                    options.day_obs,
+                    sim.instruments["LSSTCam"].truth_table,
+                )
+                await prompt.execute("disable")
+                await prompt.close()
+                prompt.service.close()
+                prompt = None
             archive = {
                 dev.archiver.instrument: dev.archiver.status(options.day_obs) for dev in archivers
             }
@@ -134,6 +174,8 @@ async def run_facility_night(
         return {
             "sim": sim.model_dump(mode="json"),
             "archive": archive,
+            "prompt": prompt_summary,
+            "seeded": {k: v for k, v in seeded.items() if k != "detectors"},
             "backbone": {
                 "files": bb.store.file_counts(),
                 "replicas": bb.store.replica_summary(),
@@ -141,6 +183,10 @@ async def run_facility_night(
             },
         }
     finally:
+        if prompt is not None:
+            with contextlib.suppress(Exception):
+                await prompt.close()
+                prompt.service.close()
         for dev in archivers:
             with contextlib.suppress(Exception):
                 await dev.close()
@@ -175,7 +221,8 @@ def night(
     http_port: HttpPort = None,
     as_json: Json = False,
 ) -> None:
-    """Run an observing night through the facility: camera → archivers → OODS → Backbone."""
+    """Run an observing night through the facility: camera → archivers → OODS → Backbone,
+    and Prompt Processing of every LSSTCam visit (alerts, APDB, image quality)."""
     from ldf.sim.cli import night_progress, options_from, print_summary
 
     settings = settings_from(ctx)
@@ -228,6 +275,10 @@ def night(
             f"[yellow]night {options.day_obs} (seed {options.seed}) was already archived in "
             f"{settings.home}: nothing new. Choose another --day-obs, or a fresh LDF_HOME.[/]"
         )
+    if summary.get("prompt"):
+        from ldf.prompt.nightly import print_prompt_summary
+
+        print_prompt_summary(summary["prompt"], console)
     reps: dict[str, int] = {}
     for r in summary["backbone"]["replicas"]:
         if r["state"] == "available":

@@ -53,8 +53,12 @@ def test_visit_is_processed_into_alerts_apdb_and_qa(facility: Facility, make_ser
             assert alert["cutoutDifference"]
         total += len(packets)
     assert total > 0
-    counts = PromptApdb.open(home.apdb_config).counts()
-    assert counts["DiaSource"] == total
+    db = PromptApdb.open(home.apdb_config)
+    assert db.counts()["DiaSource"] == total
+    stored = db.visit_sources([visit.exposure_id, visit.exposure_id + 1])
+    assert len(stored) == total
+    assert set(stored["visit"]) == {visit.exposure_id}
+    assert stored["diaObjectId"].notna().all()
     # Image quality reached the observatory: measured seeing and pointing near the truth.
     quality = [p for n, p in sent if n == "imageQuality"]
     assert len(quality) == len(DETECTORS)

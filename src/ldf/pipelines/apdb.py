@@ -43,7 +43,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -734,6 +734,23 @@ class PromptApdb:
             out = dict(apdb.tableRowCount())
         out["buffered"] = len(self.buffer) if self.buffer is not None else 0
         return out
+
+    def visit_sources(self, visits: Sequence[int]) -> pd.DataFrame:
+        """The DiaSources of some visits (visit, detector, ra, dec, psfFlux, snr, diaObjectId):
+        the night's reports and validation read them back from the APDB.
+
+        Raises
+        ------
+        ApdbUnavailableError
+            The APDB cannot be reached.
+        """
+        cols = ["visit", "detector", "ra", "dec", "psfFlux", "psfFluxErr", "snr", "diaObjectId"]
+        if not visits:
+            return pd.DataFrame(columns=cols)
+        table = sqlalchemy.table("DiaSource", *(sqlalchemy.column(c) for c in cols))
+        query = sqlalchemy.select(table).where(table.c.visit.in_([int(v) for v in visits]))
+        with self._guard("read"), self._sql().connect() as conn:
+            return pd.DataFrame(conn.execute(query).all(), columns=cols)
 
     def contains(self, visit: int, detector: int) -> bool:
         """Whether DiaSources or DiaForcedSources of this detector-visit are stored."""

@@ -173,6 +173,20 @@ class PromptDevice(Device):
         await asyncio.to_thread(self.service.stop)
         await super().close()
 
+    async def wait_backlog(self, *, max_visits: int = 1, timeout_s: float = 120.0) -> bool:
+        """Wait until at most ``max_visits`` visits have detectors queued or running.
+
+        Returns False if the timeout passed first (the caller goes on regardless).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            behind = await asyncio.to_thread(self.service.store.busy_exposures)
+            if behind <= max_visits:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def drain(self, *, timeout_s: float = 600.0) -> bool:
         """Wait until nothing is queued or running."""
         return await asyncio.to_thread(self.service.wait_idle, timeout_s)

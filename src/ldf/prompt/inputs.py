@@ -3,7 +3,7 @@
 Layout under ``$LDF_HOME`` (the facility's copies)::
 
     calibs/<instrument>/<detector>/bias.fits, dark.fits, flat-<band>.fits
-    templates/<instrument>/<band>/<patch>.fits      (ldf.pipelines.templates.TemplateStore)
+    templates/<band>/patch_<ring>_<cell>.fits       (ldf.pipelines.templates.TemplateStore)
     refcat/refcat.json, refcat/htm7/<id>.npy        (ldf.pipelines.refcat.RefcatStore)
     apdb/apdb-config.yaml, apdb/apdb.sqlite3        (ldf.pipelines.apdb.PromptApdb)
     alerts/outbox/…                                 (ldf.pipelines.alertpacket.LocalAlertSink)

@@ -265,6 +265,18 @@ class PromptStore(SqlStore):
                 )
             )
 
+    def busy_exposures(self) -> int:
+        """Visits with detectors queued or running (the processing backlog)."""
+        with self._reader() as s:
+            return int(
+                s.scalar(
+                    select(func.count(func.distinct(SQLJob.exposure_id))).where(
+                        SQLJob.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])
+                    )
+                )
+                or 0
+            )
+
     def unfinished(self, exposure_id: int) -> int:
         """Detectors of a visit not in a terminal state (offline counts as unfinished)."""
         with self._reader() as s:
