@@ -187,3 +187,21 @@ def test_read_only_repository(
             ro.ingest_raws(four_raws[1:2])
         with pytest.raises(StateError, match="read-only"):
             ro.remove_raws("LSSTCam", exp_id(1))
+
+
+def test_concurrent_creators_never_open_a_half_made_repository(tmp_path: Path) -> None:
+    """Two archivers creating the OODS Butler at once: both get a working repository."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "shared-butler"
+
+    def create(_: int) -> list[str]:
+        repo = ButlerRepo.create(root)
+        try:
+            return sorted(repo.butler.registry.queryDatasetTypes())  # type: ignore[arg-type]
+        finally:
+            repo.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [str(r) for r in pool.map(create, range(4))]
+    assert len(set(results)) == 1

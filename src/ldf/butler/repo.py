@@ -163,6 +163,24 @@ class _Exposure:
     exposure: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _creation_lock(root: ResourcePath) -> Iterator[None]:
+    """An exclusive lock beside a local repository while it is created (no-op for URIs)."""
+    if root.scheme not in ("file", ""):
+        yield
+        return
+    import fcntl
+
+    path = Path(root.ospath)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.create.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class ButlerRepo:
     """An ``lsst.daf.butler`` repository holding ldf's raws.
 
@@ -212,8 +230,10 @@ class ButlerRepo:
         """
         root_uri = ResourcePath(str(root), forceDirectory=True)
         config_uri = root_uri.join("butler.yaml")
-        with _boundary(f"cannot create Butler repository {root}"):
-            # FileExistsError: another process created it between our check and makeRepo.
+        # makeRepo writes butler.yaml before it creates the registry tables: a second creator
+        # (another thread or process) that saw the file would open a half-made registry
+        # (MissingManagerError). Creators of a local repository take a file lock.
+        with _creation_lock(root_uri), _boundary(f"cannot create Butler repository {root}"):
             if not config_uri.exists():
                 with contextlib.suppress(FileExistsError):
                     Butler.makeRepo(root_uri, config=Config(seed_config(db_url, namespace)))
