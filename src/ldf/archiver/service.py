@@ -36,7 +36,7 @@ from ldf.backbone.ratelimit import RateLimiter
 from ldf.config import Settings
 from ldf.config.models import ArchiverPolicy
 from ldf.db import utcnow
-from ldf.errors import LdfError, NotFoundError, StorageError, StorageFullError, UserInputError
+from ldf.errors import NotFoundError, StorageError, StorageFullError, UserInputError
 from ldf.sim.daq import DaqStore
 from ldf.sim.instruments import Instrument, get_instrument
 from ldf.sim.models import OBS_ID_PREFIX, VisitSpec
@@ -479,7 +479,10 @@ class Archiver:
             with self._lock:
                 report.archived += 1
             self._complete(exp.obs_id)
-        except (LdfError, OSError) as exc:
+        except Exception as exc:
+            # Expected failures are LdfError/OSError; anything else (a library's exception, a
+            # bug) must not kill the writer thread and stall the camera either: the job is
+            # retried with back-off and an alarm says what happened.
             self._failed(job, owner, exc, report)
 
     def _failed(self, job: ArchiveJob, owner: str, exc: Exception, report: RunReport) -> None:
