@@ -98,8 +98,8 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: StageTimer) -> None:
     with timer("read"):
         raw = isr.read_raw(job.raw_path)
         info = VisitInfo.from_header(raw.metadata)
+        calib_set = _load_calibs(local, home, info)
     camera = get_instrument(info.instrument, job.camera_scale)
-    calib_set = _load_calibs(local, home, info)
 
     if info.obs_type in ("bias", "dark", "flat"):
         with timer("isr"):
@@ -152,7 +152,7 @@ def _back_end(
             diff.difference, science, diff.template, threshold=job.detection_threshold
         )
     with timer("association"):
-        db = apdb.PromptApdb.open(home.apdb_config)
+        db = _apdb(home.apdb_config)
         ra, dec, radius = _footprint(science)
         visit_time = Time(info.mjd_mid_tai, format="mjd", scale="tai")
         try:
@@ -201,6 +201,17 @@ def _back_end(
         alertpacket.LocalAlertSink(home.alerts).deliver(job.exposure_id, job.detector, packets)
     outcome.n_alerts = len(packets)
     outcome.alerts_handed_unix = time.time()
+
+
+_APDBS: dict[Path, Any] = {}
+
+
+def _apdb(config: Path) -> Any:
+    """The worker's APDB client (opened once per process: dax_apdb reads its schema on open)."""
+    db = _APDBS.get(config)
+    if db is None:
+        db = _APDBS[config] = apdb.PromptApdb.open(config)
+    return db
 
 
 def _first_existing(*paths: Path) -> Path:
