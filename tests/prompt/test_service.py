@@ -351,3 +351,30 @@ def test_apdb_down_leaves_detectors_for_catchup_and_loses_nothing(
     n = sum(j["n_dia_sources"] for j in jobs)
     assert n > 0
     assert PromptApdb.open(home.apdb_config).counts()["DiaSource"] == n
+
+
+def test_quality_is_kept_while_telemetry_is_down_and_sent_after(
+    facility: Facility, make_service: Any
+) -> None:
+    svc = make_service()
+    up = False
+    sent: list[dict[str, Any]] = []
+
+    def publish(name: str, payload: dict[str, Any]) -> bool:
+        if not up:
+            raise ConnectionError("telemetry gateway unreachable")
+        sent.append(payload)
+        return True
+
+    svc.publish_telemetry = publish
+    visit = facility.visits[0]
+    announce(svc, visit)
+    svc.run(until_idle=True)
+    svc.stop()  # the QA listener has stored every message
+    assert sent == []
+    assert len(svc.store.unsent_telemetry()) == len(DETECTORS)
+    up = True
+    assert svc.flush_telemetry() == len(DETECTORS)
+    assert sorted(p["detector"] for p in sent) == sorted(DETECTORS)
+    assert all(p["exposure_id"] == visit.exposure_id for p in sent)
+    assert svc.store.unsent_telemetry() == []
