@@ -124,3 +124,15 @@ def test_telemetry_outbox_keeps_messages_until_marked_sent(store: PromptStore) -
     assert [m["id"] for m in unsent] == [b]
     assert unsent[0]["late"] is True
     assert unsent[0]["payload"] == {"seeing_arcsec": 0.9}
+
+
+def test_endreadout_heard_before_nextvisit_keeps_the_readout_time(store: PromptStore) -> None:
+    store.set_readout(2026112100001, 1000.0, instrument="LSSTCam")
+    assert store.announce(_visit(1), scratch="/s", detectors=["A"])
+    visit = store.visit(2026112100001)
+    assert visit is not None
+    assert visit["readout_unix"] == 1000.0
+    assert visit["spec"]["band"] == "r"
+    assert not store.announce(_visit(1), scratch="/s", detectors=["A"])
+    store.set_readout(2026112100001, 2000.0, instrument="LSSTCam")  # first report wins
+    assert store.visit(2026112100001)["readout_unix"] == 1000.0  # type: ignore[index]

@@ -136,7 +136,7 @@ class Preloader:
             kinds: list[tuple[str, str | None]] = [("bias", None)]
             if visit.obs_type in ("science", "flat", "engtest") or visit.obs_type == "dark":
                 kinds.append(("dark", None))
-            if visit.obs_type in ("science", "engtest") and visit.band:
+            if visit.obs_type in ("science", "engtest", "flat") and visit.band:
                 kinds.append(("flat", visit.band))
             for kind, band in kinds:
                 src = self.home.calib(visit.instrument, name, kind, band)

@@ -157,7 +157,7 @@ class PromptService:
 
     def on_end_readout(self, exposure_id: int, readout_unix: float) -> None:
         """The camera finished reading out a visit (the latency clock starts)."""
-        self.store.set_readout(exposure_id, readout_unix)
+        self.store.set_readout(exposure_id, readout_unix, instrument=self.instrument)
 
     def on_image(
         self,
@@ -277,9 +277,8 @@ class PromptService:
             exposure_id=job["exposure_id"],
             detector=job["detector"],
             raw_path=job["raw_path"] or "",
-            scratch=visit["scratch"]
-            if visit
-            else str(self.preloader.scratch_for(job["exposure_id"])),
+            scratch=(visit or {}).get("scratch")
+            or str(self.preloader.scratch_for(job["exposure_id"])),
             home=str(self.settings.home),
             camera_scale=self.camera_scale,
             offline=offline or bool(job["offline"]),

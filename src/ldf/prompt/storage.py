@@ -37,22 +37,22 @@ class PromptStore(SqlStore):
     ) -> bool:
         """Record an announced visit and a WAITING job per detector; False if already known."""
         with self._session() as s, s.begin():
-            if s.get(SQLVisit, visit.exposure_id) is not None:
+            row = s.get(SQLVisit, visit.exposure_id)
+            if row is not None and row.spec:
                 return False
-            s.add(
-                SQLVisit(
-                    exposure_id=visit.exposure_id,
-                    instrument=visit.instrument,
-                    day_obs=visit.day_obs,
-                    obs_type=visit.obs_type,
-                    band=visit.band,
-                    spec=visit.model_dump(mode="json"),
-                    scratch=scratch,
-                    preloaded=preloaded or {},
-                    announced_at=datetime.now(UTC),
-                    offline=offline,
-                )
-            )
+            if row is None:
+                row = SQLVisit(exposure_id=visit.exposure_id, readout_unix=None)
+                s.add(row)
+            # (A row without a spec was made by an endReadout heard before the nextVisit.)
+            row.instrument = visit.instrument
+            row.day_obs = visit.day_obs
+            row.obs_type = visit.obs_type
+            row.band = visit.band
+            row.spec = visit.model_dump(mode="json")
+            row.scratch = scratch
+            row.preloaded = preloaded or {}
+            row.announced_at = datetime.now(UTC)
+            row.offline = offline
             existing = set(
                 s.scalars(select(SQLJob.detector).where(SQLJob.exposure_id == visit.exposure_id))
             )
@@ -78,14 +78,32 @@ class PromptStore(SqlStore):
                 .values(preloaded=preloaded)
             )
 
-    def set_readout(self, exposure_id: int, readout_unix: float) -> None:
-        """Record a visit's end of readout (first report wins)."""
+    def set_readout(self, exposure_id: int, readout_unix: float, *, instrument: str) -> None:
+        """Record a visit's end of readout (first report wins).
+
+        The camera's endReadout may be heard before the scheduler's nextVisit has been
+        handled: the visit is then recorded without its announcement, which fills it in later.
+        """
         with self._session() as s, s.begin():
-            s.execute(
-                update(SQLVisit)
-                .where(SQLVisit.exposure_id == exposure_id, SQLVisit.readout_unix.is_(None))
-                .values(readout_unix=readout_unix)
-            )
+            row = s.get(SQLVisit, exposure_id)
+            if row is None:
+                s.add(
+                    SQLVisit(
+                        exposure_id=exposure_id,
+                        instrument=instrument,
+                        day_obs=exposure_id // 100000,
+                        obs_type="unknown",
+                        band=None,
+                        spec={},
+                        scratch="",
+                        preloaded={},
+                        announced_at=datetime.now(UTC),
+                        readout_unix=readout_unix,
+                        offline=False,
+                    )
+                )
+            elif row.readout_unix is None:
+                row.readout_unix = readout_unix
 
     def visit(self, exposure_id: int) -> dict[str, Any] | None:
         """An announced visit as a dict (``spec`` is the NextVisit), or None."""

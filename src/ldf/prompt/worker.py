@@ -239,7 +239,7 @@ def _load_calibs(local: InputPaths, home: InputPaths, info: VisitInfo) -> Any:
                 return calibs.MasterCalib.load(path)
         return None
 
-    needs_flat = info.obs_type in ("science", "engtest") and info.band
+    needs_flat = info.obs_type in ("science", "engtest", "flat") and info.band
     return calibs.CalibSet(
         bias=one("bias"),
         dark=one("dark") if info.obs_type != "bias" else None,
