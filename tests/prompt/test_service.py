@@ -378,3 +378,46 @@ def test_quality_is_kept_while_telemetry_is_down_and_sent_after(
     assert sorted(p["detector"] for p in sent) == sorted(DETECTORS)
     assert all(p["exposure_id"] == visit.exposure_id for p in sent)
     assert svc.store.unsent_telemetry() == []
+
+
+def test_history_preloaded_on_next_visit_is_used_only_while_current(
+    facility: Facility, make_service: Any
+) -> None:
+    """A revisit of a field announced before the first visit's DiaSources were stored must
+    not associate against the stale snapshot: it would duplicate every DiaObject."""
+    from ldf.prompt.inputs import HISTORY_DIR
+
+    first = facility.visits[0]
+    revisit = first.model_copy(
+        update={"seq_num": first.seq_num + 50, "start_tai_mjd": first.start_tai_mjd + 40 / 86400}
+    )
+    svc = make_service()
+    svc.on_next_visit(first.model_dump(mode="json"), detectors=DETECTORS)
+    svc.on_next_visit(revisit.model_dump(mode="json"), detectors=DETECTORS)
+    for v in (first, revisit):
+        snapshot = svc.preloader.scratch_for(v.exposure_id) / HISTORY_DIR / "snapshot.json"
+        assert snapshot.exists()
+    # The first visit is processed; its snapshot was current.
+    raws = write_raws(facility, first)
+    svc.on_end_readout(first.exposure_id, time.time())
+    for det, path in raws.items():
+        svc.on_image(first.exposure_id, det, path)
+    job = svc.store.claim()
+    visit = svc.store.visit(first.exposure_id)
+    assert svc._current_snapshot(job, visit, offline=False) is not None
+    svc.store.requeue(job["exposure_id"], job["detector"], reason="test")
+    svc.run(until_idle=True)
+    n_first = sum(j["n_dia_sources"] for j in svc.store.jobs(first.exposure_id))
+    assert n_first > 0
+    # The revisit's snapshot predates those DiaObjects: it is not used, and the revisit's
+    # sources associate with them instead of creating new objects.
+    raws = write_raws(facility, revisit)
+    svc.on_end_readout(revisit.exposure_id, time.time())
+    for det, path in raws.items():
+        svc.on_image(revisit.exposure_id, det, path)
+    svc.run(until_idle=True)
+    jobs = svc.store.jobs(revisit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}
+    n_sources = sum(j["n_dia_sources"] for j in jobs)
+    n_new = sum(j["n_new_objects"] for j in jobs)
+    assert n_new < 0.7 * n_sources  # most revisit sources are the same objects

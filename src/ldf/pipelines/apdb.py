@@ -103,6 +103,16 @@ class ApdbConflictError(StorageError):
     code = "apdb_conflict"
 
 
+def history_within(history: ApdbHistory, ra: float, dec: float, radius_deg: float) -> ApdbHistory:
+    """The part of a (larger) history snapshot in a smaller circle: its DiaObjects, and the
+    sources and forced sources of those objects."""
+    objects = history.objects[_within(history.objects, ra, dec, radius_deg)].reset_index(drop=True)
+    ids = {int(i) for i in objects["diaObjectId"]}
+    sources = history.sources[history.sources["diaObjectId"].isin(ids)].reset_index(drop=True)
+    forced = history.forced[history.forced["diaObjectId"].isin(ids)].reset_index(drop=True)
+    return ApdbHistory(objects, sources, forced)
+
+
 class ApdbHistory(NamedTuple):
     """What association needs from the APDB for one detector-visit."""
 

@@ -18,6 +18,7 @@ fails at once with that reason when its raw arrives and the others are unaffecte
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -29,7 +30,35 @@ from typing import Any
 from ldf.errors import LdfError
 from ldf.pipelines.types import DetectorError
 
-__all__ = ["InputPaths", "Preloader", "calib_filename"]
+__all__ = [
+    "HISTORY_DIR",
+    "InputPaths",
+    "Preloader",
+    "calib_filename",
+    "load_snapshot",
+    "separation_deg",
+]
+
+HISTORY_DIR = "apdb-history"
+"""Scratch sub-directory of a visit's APDB history snapshot."""
+
+
+def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    r1, d1, r2, d2 = (math.radians(v) for v in (ra1, dec1, ra2, dec2))
+    c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos(r1 - r2)
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+def load_snapshot(directory: str | Path) -> Any:
+    """A preloaded APDB history (``ApdbHistory``) from a visit's scratch directory."""
+    import pandas as pd
+
+    from ldf.pipelines.apdb import ApdbHistory
+
+    d = Path(directory)
+    return ApdbHistory(
+        *(pd.read_parquet(d / f"{n}.parquet") for n in ("objects", "sources", "forced"))
+    )
 
 
 def calib_filename(kind: str, band: str | None = None) -> str:
@@ -156,6 +185,7 @@ class Preloader:
             ]
             self._preload_templates(visit, detector_objs, wcss, scratch, report)
             self._preload_refcat(visit, camera, detector_objs, wcss, scratch, report)
+            self._preload_history(visit, camera, detector_objs, wcss, scratch, report)
         report["seconds"] = round(time.monotonic() - t0, 3)
         return report
 
@@ -192,6 +222,48 @@ class Preloader:
                 store.copy_shards(shards, scratch.refcat)
             except (DetectorError, LdfError, OSError) as exc:
                 report["detectors"][det.name]["missing"].append(str(exc))
+
+    def _preload_history(
+        self,
+        visit: Any,
+        camera: Any,
+        dets: list[Any],
+        wcss: list[Any],
+        scratch: InputPaths,
+        report: dict,
+    ) -> None:
+        """Snapshot the APDB's DiaObjects (and their 12-month history) of the visit's region."""
+        from astropy.time import Time
+
+        from ldf.pipelines.apdb import PromptApdb
+
+        if not self.home.apdb_config.exists():
+            return
+        ra, dec = visit.ra_deg, visit.dec_deg
+        radius = 0.0
+        for det, wcs in zip(dets, wcss, strict=True):
+            cra, cdec = (float(v) for v in wcs.wcs_pix2world((det.nx - 1) / 2, (det.ny - 1) / 2, 0))
+            half = math.hypot(det.nx, det.ny) / 2 * camera.pixel_scale_arcsec / 3600
+            radius = max(radius, separation_deg(ra, dec, cra, cdec) + half)
+        radius += 0.01
+        when = visit.start_tai_mjd
+        t = Time(when, format="mjd", scale="tai") if when is not None else Time.now()
+        taken = time.time()
+        try:
+            history = PromptApdb.open(self.home.apdb_config).load_history(ra, dec, radius, t)
+        except LdfError as exc:  # the worker queries the APDB itself (and handles outages)
+            report["apdb_history"] = f"not preloaded: {exc}"
+            return
+        out = scratch.root / HISTORY_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in zip(("objects", "sources", "forced"), history, strict=True):
+            tmp = out / f".{name}.parquet.tmp"
+            frame.to_parquet(tmp)
+            tmp.replace(out / f"{name}.parquet")
+        meta = {"taken_unix": taken, "ra": ra, "dec": dec, "radius_deg": radius}
+        (out / ".snapshot.json.tmp").write_text(json.dumps(meta))
+        (out / ".snapshot.json.tmp").replace(out / "snapshot.json")
+        report["apdb_history"] = {"objects": len(history.objects), **meta}
 
     def cleanup(self, exposure_id: int) -> None:
         """Remove a visit's scratch directory (after all its detectors are done)."""

@@ -73,6 +73,8 @@ class NextVisit(BaseModel):
     dec_deg: float
     rot_sky_deg: float = 0.0
     exp_time_s: float = 30.0
+    start_tai_mjd: float | None = None
+    """When the exposure is planned to start (the APDB history window ends there)."""
 
     @property
     def exposure_id(self) -> int:
@@ -105,6 +107,9 @@ class DetectorJob(BaseModel):
     detection_threshold: float = 5.0
     association_radius_arcsec: float = 1.0
     attempt: int = 1
+    history_snapshot: str | None = None
+    """The APDB history preloaded for the visit's region, when still current (no visit of
+    the region has stored DiaSources since it was taken); None: query the APDB."""
 
 
 class DetectorOutcome(BaseModel):

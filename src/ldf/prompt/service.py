@@ -24,6 +24,7 @@ Policies (LDM-230 2.1.3.2.1; :class:`ldf.config.models.PromptPolicy`)
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ import numpy as np
 from ldf.config import Settings
 from ldf.config.models import PromptPolicy
 from ldf.errors import UserInputError
-from ldf.prompt.inputs import Preloader
+from ldf.prompt.inputs import HISTORY_DIR, Preloader, separation_deg
 from ldf.prompt.models import (
     STAGES,
     DetectorJob,
@@ -287,6 +288,7 @@ class PromptService:
             detection_threshold=self.policy.detection_threshold,
             association_radius_arcsec=self.policy.association_radius_arcsec,
             attempt=job["attempts"],
+            history_snapshot=self._current_snapshot(job, visit, offline=offline),
         )
         from ldf.prompt.worker import process_detector
 
@@ -306,6 +308,31 @@ class PromptService:
             return
         future = self._pool.submit(process_detector, spec.model_dump_json())
         self._inflight[future] = job
+
+    def _current_snapshot(
+        self, job: dict[str, Any], visit: dict[str, Any] | None, *, offline: bool
+    ) -> str | None:
+        """The visit's preloaded APDB history, if no visit of its region stored DiaSources
+        since it was taken (otherwise the worker must see those new DiaObjects)."""
+        if visit is None or not visit.get("scratch") or offline:
+            return None
+        directory = Path(visit["scratch"]) / HISTORY_DIR
+        try:
+            meta = json.loads((directory / "snapshot.json").read_text())
+        except (OSError, ValueError):
+            return None
+        for eid in self.store.finished_since(float(meta["taken_unix"])):
+            if eid == job["exposure_id"]:
+                continue
+            other = self.store.visit(eid)
+            spec = (other or {}).get("spec") or {}
+            if "ra_deg" not in spec or spec.get("obs_type") != "science":
+                continue
+            if separation_deg(meta["ra"], meta["dec"], spec["ra_deg"], spec["dec_deg"]) < (
+                2 * float(meta["radius_deg"])
+            ):
+                return None
+        return str(directory)
 
     def _collect(self, future: Future[str]) -> int:
         job = self._inflight.pop(future)

@@ -283,6 +283,20 @@ class PromptStore(SqlStore):
                 )
             )
 
+    def finished_since(self, since_unix: float) -> list[int]:
+        """Exposures with a detector done (its DiaSources stored) after ``since_unix``."""
+        with self._reader() as s:
+            return list(
+                s.scalars(
+                    select(SQLJob.exposure_id)
+                    .where(
+                        SQLJob.state == JobState.DONE.value,
+                        SQLJob.finished_unix > since_unix,
+                    )
+                    .distinct()
+                )
+            )
+
     def busy_exposures(self) -> int:
         """Visits with detectors queued or running (the processing backlog)."""
         with self._reader() as s:

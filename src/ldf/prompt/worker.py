@@ -37,7 +37,7 @@ from ldf.pipelines import (
 )
 from ldf.pipelines.singleframe import StageTimer, single_frame
 from ldf.pipelines.types import DetectorError, VisitInfo
-from ldf.prompt.inputs import InputPaths
+from ldf.prompt.inputs import InputPaths, load_snapshot
 from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
 
 __all__ = ["init_worker", "process_detector"]
@@ -156,7 +156,12 @@ def _back_end(
         ra, dec, radius = _footprint(science)
         visit_time = Time(info.mjd_mid_tai, format="mjd", scale="tai")
         try:
-            objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
+            if job.history_snapshot:
+                # Preloaded on nextVisit and still current (the service checked).
+                snapshot = load_snapshot(job.history_snapshot)
+                objects, history, forced_history = apdb.history_within(snapshot, ra, dec, radius)
+            else:
+                objects, history, forced_history = db.load_history(ra, dec, radius, visit_time)
         except apdb.ApdbUnavailableError as exc:
             # Without the APDB's history association would invent duplicate DiaObjects: leave
             # the detector to offline catch-up (nothing is lost: the raw is archived).
