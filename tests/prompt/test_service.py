@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -325,29 +328,61 @@ def test_service_killed_with_kill_9_resumes_its_queue(
     assert max(j["attempts"] for j in jobs) == 2
 
 
-def test_apdb_down_leaves_detectors_for_catchup_and_loses_nothing(
-    facility: Facility, make_service: Any
-) -> None:
+def _apdb_elsewhere(facility: Facility) -> Path:
+    """Recreate the facility's APDB in its own directory (the config and buffer stay in
+    ``apdb/``), so the database alone can be taken away."""
     home = InputPaths(facility.settings.home)
-    db = home.apdb / "apdb.sqlite3"
-    hidden = db.with_suffix(".hidden")
+    db_dir = facility.settings.home / "apdb-db"
+    db_dir.mkdir()
+    PromptApdb.create(f"sqlite:///{db_dir / 'apdb.sqlite3'}", config_path=home.apdb_config)
+    return db_dir
+
+
+@contextlib.contextmanager
+def _apdb_down(db_dir: Path) -> Iterator[None]:
+    hidden = db_dir.with_name("apdb-db.hidden")
+    db_dir.rename(hidden)
+    db_dir.mkdir(mode=0o500)  # SQLite cannot create a database here: the APDB is down
+    try:
+        yield
+    finally:
+        db_dir.rmdir()
+        hidden.rename(db_dir)
+
+
+@pytest.mark.parametrize("snapshot", [True, False])
+def test_apdb_down_loses_no_diasources(
+    facility: Facility, make_service: Any, snapshot: bool
+) -> None:
+    """With the nextVisit snapshot of the APDB history, association goes on and the store is
+    buffered, then replayed; without it, detectors wait for catch-up. Nothing is lost."""
+    import shutil
+
+    from ldf.prompt.inputs import HISTORY_DIR
+
+    home = InputPaths(facility.settings.home)
+    db_dir = _apdb_elsewhere(facility)
     svc = make_service()
     visit = facility.visits[0]
     announce(svc, visit)
-    db.rename(hidden)
-    db.parent.chmod(0o500)  # SQLite cannot create a new file here: the APDB is down
-    try:
+    if not snapshot:
+        shutil.rmtree(svc.preloader.scratch_for(visit.exposure_id) / HISTORY_DIR)
+    with _apdb_down(db_dir):
         svc.run(until_idle=True)
-    finally:
-        db.parent.chmod(0o700)
-        hidden.rename(db)
+        assert svc.flush_apdb()["stored"] == 0  # still down: stays buffered
     jobs = svc.store.jobs(visit.exposure_id)
-    assert {j["state"] for j in jobs} == {"offline"}, [j["reason"] for j in jobs]
-    assert all("APDB unavailable" in j["reason"] for j in jobs)
-    # Back up: catch-up stores everything.
-    svc.run_offline()
-    jobs = svc.store.jobs(visit.exposure_id)
-    assert {j["state"] for j in jobs} == {"done"}
+    if snapshot:
+        assert {j["state"] for j in jobs} == {"done"}, [j["reason"] for j in jobs]
+        assert {j["apdb_store"] for j in jobs} == {"buffered"}
+        assert all(j["n_alerts"] == j["n_dia_sources"] > 0 for j in jobs)
+        assert svc.flush_apdb() == {"stored": len(DETECTORS), "skipped": 0, "remaining": 0}
+        assert svc.flush_apdb()["stored"] == 0  # idempotent
+    else:
+        assert {j["state"] for j in jobs} == {"offline"}, [j["reason"] for j in jobs]
+        assert all("APDB unavailable" in j["reason"] for j in jobs)
+        svc.run_offline()
+        jobs = svc.store.jobs(visit.exposure_id)
+        assert {j["state"] for j in jobs} == {"done"}
     n = sum(j["n_dia_sources"] for j in jobs)
     assert n > 0
     assert PromptApdb.open(home.apdb_config).counts()["DiaSource"] == n

@@ -39,7 +39,7 @@ import numpy as np
 from ldf.config import Settings
 from ldf.config.models import PromptPolicy
 from ldf.errors import UserInputError
-from ldf.prompt.inputs import HISTORY_DIR, Preloader, separation_deg
+from ldf.prompt.inputs import HISTORY_DIR, InputPaths, Preloader, separation_deg
 from ldf.prompt.models import (
     STAGES,
     DetectorJob,
@@ -51,12 +51,15 @@ from ldf.prompt.models import (
 from ldf.prompt.pool import WarmPool
 from ldf.prompt.storage import PromptStore
 
-__all__ = ["OTT1_S", "PromptService"]
+__all__ = ["APDB_FLUSH_S", "OTT1_S", "PromptService"]
 
 _log = logging.getLogger(__name__)
 
 OTT1_S = 60.0
 """Alert latency requirement after end of readout (LSE-61 DMS-REQ-0406)."""
+
+APDB_FLUSH_S = 10.0
+"""How often the dispatcher replays DiaSources buffered during an APDB outage."""
 
 TelemetryPublisher = Callable[[str, dict[str, Any]], bool]
 """Hands a QA message to the telemetry interface; False (or raising) when unavailable."""
@@ -94,6 +97,7 @@ class PromptService:
         self._inflight: dict[Future[str], dict[str, Any]] = {}
         self._idle = threading.Event()
         self._idle.set()
+        self._last_flush = 0.0
 
     @classmethod
     def open(cls, settings: Settings, instrument: str) -> PromptService:
@@ -244,6 +248,8 @@ class PromptService:
             if not offline:
                 self._apply_timeouts()
                 self._apply_backlog()
+                if time.monotonic() - self._last_flush > APDB_FLUSH_S:
+                    self.flush_apdb()
             while len(self._inflight) < self._pool.workers:
                 job = self.store.claim(offline=offline)
                 if job is None:
@@ -263,7 +269,34 @@ class PromptService:
 
     def run_offline(self) -> int:
         """Offline catch-up: process every detector waiting for it (no alerts, QA kept late)."""
+        self.flush_apdb()
         return self.run(until_idle=True, offline=True)
+
+    def flush_apdb(self) -> dict[str, int]:
+        """Replay DiaSource batches buffered while the APDB was down (idempotent).
+
+        Returns ``{"stored": n, "skipped": n, "remaining": n}``; an APDB still down leaves
+        everything buffered.
+        """
+        from ldf.pipelines.apdb import ApdbUnavailableError, PromptApdb
+
+        self._last_flush = time.monotonic()
+        config = InputPaths(self.settings.home).apdb_config
+        if not config.exists():
+            return {"stored": 0, "skipped": 0, "remaining": 0}
+        db = PromptApdb.open(config)
+        try:
+            if db.buffer is None or len(db.buffer) == 0:
+                return {"stored": 0, "skipped": 0, "remaining": 0}
+            report = db.flush()
+        except ApdbUnavailableError as exc:
+            _log.warning("APDB still unavailable; DiaSources stay buffered: %s", exc)
+            return {"stored": 0, "skipped": 0, "remaining": len(db.buffer or ())}
+        finally:
+            db.close()
+        if report.stored:
+            _log.info("replayed %d buffered APDB batch(es)", report.stored)
+        return {"stored": report.stored, "skipped": report.skipped, "remaining": report.remaining}
 
     def _submit(self, job: dict[str, Any], *, offline: bool) -> None:
         assert self._pool is not None
