@@ -143,3 +143,45 @@ def serve_archiver(
             await bus.close()
 
     asyncio.run(main())
+
+
+@app.command("prompt")
+def serve_prompt(
+    ctx: typer.Context,
+    instrument: Annotated[str, typer.Argument(help="LSSTCam or LATISS.")] = "LSSTCam",
+    enable: Annotated[
+        bool, typer.Option("--enable/--standby", help="Go to ENABLED at once, or wait in STANDBY.")
+    ] = True,
+) -> None:
+    """Run an instrument's Prompt Processing as an OCS device until exitControl or a signal."""
+    import asyncio
+
+    from ldf.ocs.bus import open_bus
+    from ldf.prompt.device import PromptDevice
+    from ldf.prompt.service import PromptService
+
+    settings = settings_from(ctx)
+    service = PromptService.open(settings, instrument)  # refuses an unknown instrument
+
+    async def main() -> None:
+        bus = await open_bus(settings.bus, settings.home)
+        dev = PromptDevice(service, bus, heartbeat_interval_s=settings.bus.heartbeat_interval_s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await dev.open()
+            if enable:
+                await dev.execute("start")
+                await dev.execute("enable")
+            err_console.print(f"{dev.name} is {dev.state.name}; Ctrl-C or exitControl to stop")
+            served = asyncio.create_task(dev.serve())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([served, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await dev.close()
+            service.close()
+            await bus.close()
+
+    asyncio.run(main())
