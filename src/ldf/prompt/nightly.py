@@ -82,8 +82,30 @@ def _plan_conditions(path: str | None) -> dict[int, dict[str, Any]]:
     for v in json.loads(plan.read_text()):
         visit = v.get("visit", v)
         if visit.get("conditions"):
-            out[int(visit["exposure_id"])] = visit["conditions"]
+            out[int(visit["exposure_id"])] = {
+                **visit["conditions"],
+                "airmass": visit.get("airmass"),
+                "band": visit.get("band"),
+            }
     return out
+
+
+def expected_zero_point(camera: Any, detector: Any, truth: dict[str, Any]) -> float | None:
+    """The zero point a correct calibration measures on a detector (AB mag of 1 e-/s):
+    the camera's, extinction at the airmass, the clouds, and the flat-field normalisation
+    (master flats are normalised to their median, so a source keeps that fraction)."""
+    from ldf.sim.camera import flat_pattern
+
+    band, airmass, transp = truth.get("band"), truth.get("airmass"), truth.get("transparency")
+    if not band or airmass is None or not transp or band not in camera.zero_points:
+        return None
+    norm = float(np.median(flat_pattern(camera, detector)))
+    return (
+        camera.zero_points[band]
+        - camera.extinction[band] * (airmass - 1.0)
+        + 2.5 * math.log10(transp)
+        + 2.5 * math.log10(norm)
+    )
 
 
 def summarize_prompt(
@@ -125,7 +147,13 @@ def summarize_prompt(
         )
         truth_cond = cond.get(j["exposure_id"], {})
         qa_rows.append(
-            {"exposure_id": j["exposure_id"], "detector": j["detector"], **qa, "truth": truth_cond}
+            {
+                "exposure_id": j["exposure_id"],
+                "detector": j["detector"],
+                **qa,
+                "truth": truth_cond,
+                "zero_point_expected": expected_zero_point(camera, det, truth_cond),
+            }
         )
     return {
         "visits": [r.model_dump(mode="json") for r in reports],
@@ -140,33 +168,49 @@ def summarize_prompt(
 
 
 def _quality_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Measured vs simulated seeing, pointing offset and zero point (medians and worst)."""
+    """Per visit (median over its detectors, as the observatory would use them): measured
+    seeing and pointing offset against the simulated values; zero points."""
     if not rows:
         return {}
-    seeing_err = []
-    pointing_err = []
+    visits: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
-        t = r["truth"]
-        if t.get("seeing_fwhm_arcsec") and r.get("seeing_arcsec"):
-            seeing_err.append(r["seeing_arcsec"] / t["seeing_fwhm_arcsec"] - 1.0)
-        if r.get("pointing_offset_east_arcsec") is not None and "pointing_dra_arcsec" in t:
+        visits.setdefault(r["exposure_id"], []).append(r)
+    seeing_err: list[float] = []
+    pointing_err: list[float] = []
+    for vrows in visits.values():
+        t = vrows[0]["truth"]
+        seeing = [r["seeing_arcsec"] for r in vrows if r.get("seeing_arcsec")]
+        if t.get("seeing_fwhm_arcsec") and seeing:
+            seeing_err.append(abs(float(np.median(seeing)) / t["seeing_fwhm_arcsec"] - 1.0))
+        east = [r["pointing_offset_east_arcsec"] for r in vrows
+                if r.get("pointing_offset_east_arcsec") is not None]  # fmt: skip
+        north = [r["pointing_offset_north_arcsec"] for r in vrows
+                 if r.get("pointing_offset_north_arcsec") is not None]  # fmt: skip
+        if east and north and "pointing_dra_arcsec" in t:
             pointing_err.append(
                 math.hypot(
-                    r["pointing_offset_east_arcsec"] - t["pointing_dra_arcsec"],
-                    r["pointing_offset_north_arcsec"] - t["pointing_ddec_arcsec"],
+                    float(np.median(east)) - t["pointing_dra_arcsec"],
+                    float(np.median(north)) - t["pointing_ddec_arcsec"],
                 )
             )
-    out: dict[str, Any] = {"detector_visits": len(rows)}
+    out: dict[str, Any] = {"visits": len(visits), "detector_visits": len(rows)}
     if seeing_err:
-        a = np.abs(seeing_err)
-        out["seeing_rel_err_median"] = round(float(np.median(a)), 4)
-        out["seeing_rel_err_max"] = round(float(a.max()), 4)
+        out["seeing_rel_err_median"] = round(float(np.median(seeing_err)), 4)
+        out["seeing_rel_err_max"] = round(float(np.max(seeing_err)), 4)
     if pointing_err:
         out["pointing_err_arcsec_median"] = round(float(np.median(pointing_err)), 3)
         out["pointing_err_arcsec_max"] = round(float(np.max(pointing_err)), 3)
     zps = [r["zero_point"] for r in rows if r.get("zero_point")]
     if zps:
         out["zero_point_median"] = round(float(np.median(zps)), 3)
+    dz = [
+        abs(r["zero_point"] - r["zero_point_expected"])
+        for r in rows
+        if r.get("zero_point") and r.get("zero_point_expected") is not None
+    ]
+    if dz:
+        out["zero_point_err_mag_median"] = round(float(np.median(dz)), 4)
+        out["zero_point_err_mag_max"] = round(float(np.max(dz)), 4)
     return out
 
 
@@ -180,11 +224,11 @@ def print_prompt_summary(summary: dict[str, Any], console: Any) -> None:
     table.caption = (
         f"latency: end of readout → alerts handed to distribution; OTT1 = {OTT1_S:g} s for 98 %"
     )
-    for col in ("exposure", "type", "done", "failed", "late", "alerts", "p50", "p98", "≤OTT1"):
-        table.add_column(col, justify="left" if col in ("exposure", "type") else "right")
+    for col in ("seq", "type", "done", "failed", "late", "alerts", "p50", "p98", "≤OTT1"):
+        table.add_column(col, justify="left" if col == "type" else "right")
     for r in summary["visits"]:
         table.add_row(
-            str(r["exposure_id"]),
+            str(r["exposure_id"] % 100000),
             r["obs_type"],
             f"{r['done']}/{r['detectors']}",
             str(r["failed"]),
@@ -207,12 +251,13 @@ def print_prompt_summary(summary: dict[str, Any], console: Any) -> None:
     q = summary["quality"]
     if q:
         console.print(
-            "Image quality vs the simulator: seeing within "
+            "Image quality vs the simulator (per visit): seeing within "
             f"{100 * q.get('seeing_rel_err_median', float('nan')):.1f} % (median; worst "
             f"{100 * q.get('seeing_rel_err_max', float('nan')):.1f} %), pointing offset within "
             f"{q.get('pointing_err_arcsec_median', float('nan')):.2f}″ (worst "
-            f"{q.get('pointing_err_arcsec_max', float('nan')):.2f}″), zero point median "
-            f"{q.get('zero_point_median', float('nan')):.2f}"
+            f"{q.get('pointing_err_arcsec_max', float('nan')):.2f}″), zero point within "
+            f"{q.get('zero_point_err_mag_median', float('nan')):.3f} mag (worst "
+            f"{q.get('zero_point_err_mag_max', float('nan')):.3f}; per detector)"
         )
     for f in summary["failures"][:10]:
         console.print(
