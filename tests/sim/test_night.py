@@ -153,6 +153,15 @@ def test_ldf_night_cli_json(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["sim"]["instruments"]["LSSTCam"]["by_type"]["science"] == 2
     assert data["sim"]["events"] > 0
+    # Prompt Processing ran on every LSSTCam exposure: science visits made alerts in time.
+    prompt = data["prompt"]
+    science = [v for v in prompt["visits"] if v["obs_type"] == "science"]
+    assert len(science) == 2
+    assert all(v["done"] == v["detectors"] == 1 for v in prompt["visits"]), prompt["failures"]
+    assert all(v["alerts"] > 0 and v["within_ott1"] == 1.0 for v in science)
+    assert prompt["quality"]["seeing_rel_err_max"] < 0.05
+    assert prompt["quality"]["pointing_err_arcsec_max"] < 0.3
+    assert data["seeded"]["templates"] > 0
 
 
 def test_sim_night_cli_bad_scale_one_line(tmp_path: Path) -> None:

@@ -104,7 +104,9 @@ def seed_survey(
     camera = get_instrument(instrument, scale)
     home = InputPaths(settings.home)
     fields = fields_of_plan(visits)
-    bands = sorted({f.band for f in fields})
+    # Master flats for every band the night observes or takes flats in (flat QA needs one).
+    flat_bands = {v.band for v in visits if str(v.obs_type) == "flat" and v.band}
+    bands = sorted({f.band for f in fields} | flat_bands)
     sky = night_sky(seed, settings.sim.sky(scale))
     report: dict[str, Any] = {"refcat_shards": 0, "calibs": 0, "template_visits": 0, "templates": 0}
     if not fields:
