@@ -387,6 +387,87 @@ def test_cosmic_ray_and_hot_pixel_are_not_sources(runs: list[Run]) -> None:
     assert not (np.hypot(seen["x"] - (xa + 2), seen["y"] - (ya + 4)) < 3).any()
 
 
+def test_bright_star_residual_is_not_a_source(runs: list[Run]) -> None:
+    """A subtraction leaves a fraction of a per cent of a bright star (kernel and PSF-model
+    errors): that is no DiaSource, while a star that really changed by 20 % is one."""
+    run = runs[0]
+    x0, y0 = _clean_spot(run, [])
+    f_njy = 10 ** (-0.4 * (17.0 - 31.4))
+    found = {}
+    for change in (0.012, 0.2):
+        sci, tmpl = run.science.copy(), run.template.copy()
+        assert sci.psf is not None
+        assert tmpl.psf is not None
+        flux_e = f_njy * (1.0 + change) / sci.njy_per_electron()
+        before = sci.image.copy()
+        add_point_sources(
+            sci.image, np.array([x0]), np.array([y0]), np.array([flux_e]),
+            MoffatPsf(sci.psf.fwhm_px),
+        )  # fmt: skip
+        sci.variance += sci.image - before
+        add_point_sources(
+            tmpl.image, np.array([x0]), np.array([y0]), np.array([f_njy]),
+            MoffatPsf(tmpl.psf.fwhm_px),
+        )  # fmt: skip
+        res = subtract(sci, tmpl)
+        src = detect_dia_sources(res.difference, sci, tmpl)
+        found[change] = src[np.hypot(src["x"] - x0, src["y"] - y0) < 20]
+        print(f"\n{change:.1%} brighter: {found[change][['x', 'y', 'snr', 'psfFlux']]}")
+    assert len(found[0.012]) == 0
+    assert len(found[0.2]) == 1
+    assert found[0.2]["psfFlux"].iloc[0] == pytest.approx(0.2 * f_njy, rel=0.1)
+
+
+def test_cosmic_ray_tracks_isr_missed_are_not_sources(
+    small_camera: Instrument, rich_sky: Sky, tmp_path: Path
+) -> None:
+    """Faint cosmic-ray tracks (4 σ per pixel: below ISR's 6 σ threshold) in a sharp science
+    image, smoothed into ridges by the convolveScience kernel: detected, and rejected —
+    whether wholly unmasked, masked in part, or ending at the detection."""
+    det = small_camera.detector("R22_S11")
+    tvisits = template_visits(seeing=(0.9, 0.95, 0.92, 0.88, 0.97), first_seq=300)
+    store = build_store(tmp_path, small_camera, det, rich_sky, tvisits)
+    visit = field_visit(1, SCIENCE_MJD, 0.6, 3.0, -2.0)
+    sci, _ = calibrated_copy(small_camera, det, visit, rich_sky)
+    assert sci.wcs is not None
+    tmpl = store.warp_to("r", sci.wcs, sci.shape, info=sci.info)
+    base = subtract(sci, tmpl)
+    run = Run(det, visit, sci, tmpl, base, pd.DataFrame({"x": [], "y": []}), {})
+    run.truth = _truth(small_camera, det, rich_sky, visit, sci, tvisits)
+    sigma = float(np.sqrt(np.median(sci.variance)))
+    spots: list[tuple[float, float]] = []
+    tracks: list[tuple[np.ndarray, float, float]] = []
+    for length, slope, masked in ((24, 0.4, 0), (30, -1.7, 5), (14, 0.9, 0)):
+        x0, y0 = _clean_spot(run, spots)
+        spots.append((x0, y0))
+        steps = np.arange(2 * length) / 2.0
+        dx, dy = steps / math.hypot(1.0, slope), steps * slope / math.hypot(1.0, slope)
+        cols = np.rint(x0 - dx.max() / 2 + dx).astype(int)
+        rows = np.rint(y0 - dy.max() / 2 + dy).astype(int)
+        track = sorted(set(zip(rows.tolist(), cols.tolist(), strict=True)))
+        for r, c in track:
+            sci.image[r, c] += 4.0 * sigma
+            sci.variance[r, c] += 4.0 * sigma
+        for r, c in track[:masked]:  # ISR found the brightest few pixels of this one
+            sci.mask[r, c] |= np.uint16(Mask.CR | Mask.INTRP)
+            sci.image[r, c] = 0.0
+        tracks.append((np.array(track), x0, y0))
+    res = subtract(sci, tmpl)
+    assert res.mode == CONVOLVE_SCIENCE
+    seen = detect_dia_sources(res.difference, sci, tmpl, min_reliability=0.0)
+    kept = detect_dia_sources(res.difference, sci, tmpl)
+    for pix, x0, y0 in tracks:
+        d = np.min(np.hypot(seen["x"].to_numpy()[:, None] - pix[None, :, 1],
+                            seen["y"].to_numpy()[:, None] - pix[None, :, 0]), axis=1)  # fmt: skip
+        on_track = seen[d < 3]
+        print(f"\ntrack at {x0:.0f},{y0:.0f}: {on_track[['x', 'y', 'snr', 'reliability']]}")
+        assert len(on_track), "the track is not even detected: the test tests nothing"
+        assert (on_track["reliability"] < RELIABILITY_CUT).all()
+        dk = np.min(np.hypot(kept["x"].to_numpy()[:, None] - pix[None, :, 1],
+                             kept["y"].to_numpy()[:, None] - pix[None, :, 0]), axis=1)  # fmt: skip
+        assert not (dk < 3).any()
+
+
 def test_convolve_science_path(small_camera: Instrument, rich_sky: Sky, tmp_path: Path) -> None:
     det = small_camera.detector("R22_S11")
     tvisits = template_visits(seeing=(0.9, 0.95, 0.92, 0.88, 0.97), first_seq=300)

@@ -161,6 +161,55 @@ def test_mask_propagation_grows_template_holes(science: Exposure, warped: Exposu
     assert subtract(sci, warped).difference.mask[300, 300] & np.uint16(Mask.BAD)
 
 
+def test_residual_background_is_removed(science: Exposure, warped: Exposure) -> None:
+    """A smooth background the science has and the template lacks (a broad 5 e⁻ bump no plane
+    fits: what separately fitted background meshes leave) is gone from the difference, on
+    scales the 128-pixel mesh with its 3×3 median filter resolves (≳ 400 pixels)."""
+    sci = science.copy()
+    ny, nx = sci.shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    bump = 5.0 * np.exp(-0.5 * ((xx - 0.3 * nx) ** 2 + (yy - 0.6 * ny) ** 2) / 500.0**2)
+    sci.image += bump.astype(np.float32)
+    plain = subtract(science, warped).difference
+    bumped = subtract(sci, warped).difference
+    assert bumped.metadata["DIFFBKG"] > plain.metadata["DIFFBKG"]
+    # What the bump left in the difference, cell by cell (same noise in both: it cancels).
+    change = (bumped.image - plain.image).astype(np.float64)
+    left, added = [], []
+    for y0 in range(16, ny - 256, 120):
+        for x0 in range(16, nx - 256, 120):
+            sl = (slice(y0, y0 + 240), slice(x0, x0 + 240))
+            left.append(float(np.median(change[sl])))
+            added.append(float(bump[sl].mean()))
+    slope = float(np.polyfit(added, left, 1)[0])
+    print(f"\nleft {np.round(left, 2)} of {np.round(added, 2)} e-: slope {slope:.3f}")
+    assert max(added) > 3.0
+    assert abs(slope) < 0.1  # ≈ 1 without the residual background
+    assert np.abs(left).max() < 0.5
+
+
+def test_convolve_science_grows_cosmic_rays_by_the_kernel_core(
+    small_camera: Instrument, rich_sky: Sky, tmp_path: Path
+) -> None:
+    """ISR has interpolated CR pixels; only the kernel's core spreads them (not its wings)."""
+    det = small_camera.detector("R22_S11")
+    blurry = template_visits(seeing=(0.9, 0.95, 0.92, 0.88, 0.97), first_seq=300)
+    store = build_store(tmp_path, small_camera, det, rich_sky, blurry)
+    sci = calibrated_copy(small_camera, det, field_visit(2, SCIENCE_MJD, 0.6, -4, 3), rich_sky)[0]
+    assert sci.wcs is not None
+    sci.mask[500, 500] |= np.uint16(Mask.CR)
+    res = subtract(sci, store.warp_to("r", sci.wcs, sci.shape, info=sci.info))
+    assert res.mode == CONVOLVE_SCIENCE
+    hw = res.kernel.shape[0] // 2
+    cr = (res.difference.mask[500 - hw : 501 + hw, 500 - hw : 501 + hw] & np.uint16(Mask.CR)) != 0
+    rows, cols = np.nonzero(cr)
+    radius = int(max(np.abs(rows - hw).max(), np.abs(cols - hw).max()))
+    assert 1 <= radius < hw, (radius, hw)
+    k = np.abs(res.kernel)
+    core = k[hw - radius : hw + radius + 1, hw - radius : hw + radius + 1].sum()
+    assert core >= 0.9 * k.sum()
+
+
 def test_modes_can_be_forced_and_sources_can_be_given(science: Exposure, warped: Exposure) -> None:
     import sep
 

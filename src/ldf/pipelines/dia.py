@@ -14,6 +14,16 @@ Detection
     the filtered image with ``|S/N| ≥ threshold`` are peaks, positive and negative; peaks of
     one sign closer than one FWHM are one source, and a positive and a negative peak closer
     than 1.5 FWHM are one **dipole** (a mis-registered or moving source), measured together.
+    A subtraction is never perfect around bright static sources (kernel and PSF-model errors,
+    sub-pixel registration: measured, 0.2–1 % of a star's flux): as in the ``S_corr`` of
+    Zackay, Ofek & Gal-Yam (2016, §3.3–3.4), that error — ``MATCHING_ERROR`` (0.5 %) of the
+    brightest static flux at or near the source (:func:`_nearby_static_flux`) — is added in
+    quadrature to the source's noise, and a source must pass the threshold with it
+    (``snr`` is that corrected S/N; away from bright stars it is the matched filter's).
+    What the threshold cannot remove is Gaussian noise: a 5σ threshold lets through
+    ``A λ₂ (2π)^-3/2 u e^{-u²/2}`` peaks of each sign (Adler's Euler-characteristic density;
+    ``λ₂`` the variance of the S/N map's gradient, 0.11–0.19 px⁻² for 0.4–0.9″ PSFs), 2–3.5
+    per sign on a full-size detector.
 Measurement
     A centroid from a parabola through the filtered image around the peak; the PSF flux by a
     linear fit of the PSF at that position (sub-pixel phase from a 0.1-pixel grid of shifted
@@ -40,10 +50,17 @@ Reliability
     or hot pixel, which in convolveScience mode the kernel has smeared into a nearly PSF-like
     blob in the difference (:func:`_sharpness`: the Laplacian's excess over the fitted PSF
     model's, ``s₁`` in σ, and over twice the largest Laplacian-to-intensity ratio the PSF can
-    produce, ``s₂``). ``reliability = 1 / (1 + (b / 0.3)²) / (1 + e²)`` with
-    ``e = max(0, (s₁ − 5) / 2, s₂)``; sources below ``RELIABILITY_CUT`` (0.5: ``b > 0.3``,
-    ``s₁ > 7`` or ``s₂ > 1``) are dropped, and so are sources centred on a pixel masked CR or
-    BAD (reliability 0). This stands in for Rubin's machine-learned ``reliability`` with a
+    produce, ``s₂``; ``s₁`` allows the PSF model an error of 30 % of its Laplacian, which at
+    0.4″ seeing, 2 pixels, is what a measured PSF and a sub-pixel centroid are good to). A
+    cosmic-ray *track* that ISR masked only in part (its per-pixel threshold is 6σ; a track at
+    3–5σ per pixel survives, and the convolveScience kernel smooths it into a ridge the matched
+    filter finds at S/N 5–15) is a straight line through or ending at the source in the
+    science image (:func:`_track`: the S/N along the two arms of the best line, ``t``).
+    ``reliability = 1 / (1 + (b / 0.3)²) / (1 + e²)`` with
+    ``e = max(0, (s₁ − 5) / 2, s₂, (t − 3) / 0.5)``; sources below ``RELIABILITY_CUT`` (0.5:
+    ``b > 0.3``, ``s₁ > 7``, ``s₂ > 1`` or ``t > 3.5``) are dropped, and so are sources centred on
+    a pixel masked CR or BAD in the difference, or within 2 pixels of the science's CR pixels
+    (reliability 0). This stands in for Rubin's machine-learned ``reliability`` with a
     physically motivated score.
 Flags
     APDB ``pixelFlags_*`` from the difference's mask (the OR of science and template masks)
@@ -65,6 +82,7 @@ from ldf.pipelines.types import DetectorError, Exposure, Mask, PsfModel
 
 __all__ = [
     "DIA_SOURCE_COLUMNS",
+    "MATCHING_ERROR",
     "RELIABILITY_CUT",
     "detect_dia_sources",
     "forced_photometry",
@@ -73,9 +91,26 @@ __all__ = [
 RELIABILITY_CUT = 0.5
 """DiaSources with a lower ``reliability`` are dropped (see the module docstring)."""
 
+MATCHING_ERROR = 0.005
+"""Fraction of a static source's flux a PSF-matched subtraction leaves (see
+:func:`_matching_factor`): added in quadrature to the noise of a DiaSource's S/N."""
+
 _RELIABILITY_B0 = 0.3
 _SHARP_MODEL_OK = 5.0
 _SHARP_MODEL_SCALE = 2.0
+_SHARP_MODEL_TOL = 0.3
+"""Fraction of the PSF model's largest Laplacian allowed as model error (:func:`_sharpness`);
+stars measured on 0.38–0.9″ science images: ≤ 0.3 at S/N > 100, 0.15 typical at 0.4″."""
+_TRACK_OK = 3.0
+_TRACK_SCALE = 0.5
+_TRACK_R = (2, 12)
+"""Arms of the track test (:func:`_track`): from this many pixels to this many."""
+_TRACK_ANGLES = 24
+_TRACK_TOL = 0.3
+_TRACK_PIXEL_SNR = 2.0
+_TRACK_NARROW = 0.4
+_TRACK_END_PIXELS = 6
+"""Pixels of one arm that must look like a track (> 2σ, one pixel wide) for a track end."""
 _APERTURE_RADIUS = 12.0
 _PHASES = 11
 _NO_DETECT = np.uint16(Mask.NO_DATA | Mask.EDGE | Mask.SAT | Mask.BAD | Mask.CR)
@@ -495,8 +530,11 @@ def _sharpness(
     each position and its noise ``σ_L`` (van Dokkum 2001's cosmic-ray statistic):
 
     * ``model``: the largest excess of ``L`` over the Laplacian of the PSF model scaled to
-      ``flux`` (the science PSF flux there), in σ — ≲ 4 for a point source, tens for a
-      cosmic ray or hot pixel;
+      ``flux`` (the science PSF flux there), in units of its noise plus the model's own error
+      (``_SHARP_MODEL_TOL`` of the model's largest Laplacian: a PSF model and a sub-pixel
+      centroid are good to that much; without it a 0.4″ PSF, 2 pixels, gives real sources of
+      S/N > 100 an excess of 8–15 σ) — ≲ 4 for a point source, tens for a cosmic ray or hot
+      pixel;
     * ``ratio``: the largest ``(L − 2κ max(I, 0)) / σ_L`` over pixels with ``L > 5σ_L``, where
       κ is the largest ``L / I`` the PSF model produces (its peak pixel at the most
       favourable phase); independent of the fitted flux, which a bright cosmic ray inflates.
@@ -521,7 +559,10 @@ def _sharpness(
     )
     lap_d = lap(d)
     phi = grid.at(x - ix, y - iy)[:, c - 3 : c + 4, c - 3 : c + 4]
-    model = (lap_d - lap(phi * np.nan_to_num(flux)[:, None, None])) / noise
+    lap_m = lap(phi * np.nan_to_num(flux)[:, None, None])
+    # The PSF model's own error: a fraction of its Laplacian (see _SHARP_MODEL_TOL).
+    allow = _SHARP_MODEL_TOL * np.abs(lap_m).max(axis=(1, 2))
+    model = (lap_d - lap_m) / np.sqrt(noise * noise + (allow * allow)[:, None, None])
     core = grid.stamps[..., c - 1 : c + 2, c - 1 : c + 2]
     kappa = float(np.max(lap(core)[..., 0, 0] / np.maximum(core[..., 1, 1], 1e-30)))
     ratio = (lap_d - 2.0 * kappa * np.maximum(d[:, 1:-1, 1:-1], 0.0)) / noise
@@ -529,6 +570,161 @@ def _sharpness(
     s_model = np.where(ok, np.where(np.isfinite(noise), model, -np.inf).max(axis=(1, 2)), -np.inf)
     s_ratio = np.where(sharp, ratio, -np.inf).max(axis=(1, 2))
     return np.asarray(s_model), np.asarray(s_ratio)
+
+
+def _track_offsets(r0: int, r1: int, n_angles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel offsets (dx, dy) of the track test's arms, (n_angles, 3, 2, r1 − r0 + 1) each.
+
+    For each direction θ (``n_angles`` over 180°), three parallel lines one pixel apart
+    (a track need not pass through the source's centroid to the pixel), each split into the
+    two arms at distances ``r0 … r1`` on either side of the source.
+    """
+    ang = np.arange(n_angles) * math.pi / n_angles
+    r = np.arange(r0, r1 + 1, dtype=np.float64)
+    side = np.array([1.0, -1.0])
+    perp = np.array([-1.0, 0.0, 1.0])
+    c, s = np.cos(ang)[:, None, None, None], np.sin(ang)[:, None, None, None]
+    along = side[None, None, :, None] * r[None, None, None, :]
+    across = perp[None, :, None, None]
+    return along * c - across * s, along * s + across * c
+
+
+def _track(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    grid: _PsfGrid,
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+) -> np.ndarray:
+    """How strongly a straight line runs through each position in the science image (σ).
+
+    A cosmic ray crossing the CCD at an angle leaves a one-pixel-wide track tens of pixels
+    long; ISR finds its bright pixels (``CR``) but pixels below its per-pixel threshold stay,
+    and in convolveScience mode the kernel smooths them into a ridge the PSF-shaped matched
+    filter picks up at S/N 5–15 (the source's own PSF misfit is small: the ridge *is*
+    smooth). A point source has no such line. The statistic: the fitted PSF model (``flux``
+    at ``x, y``) is subtracted from the science image and, for each direction and each of
+    three parallel lines, the signal-to-noise of the sum along each of the two *arms*
+    (``_TRACK_R`` pixels from the source, on opposite sides) is computed, with the PSF
+    model's error allowed for (``_TRACK_TOL`` of the model's sum there), CR-masked pixels left
+    out. The result is the largest, over lines, of the *smaller* arm — both arms must carry
+    the line, so a neighbouring star (on one side) does not count — or of an arm that
+    reaches a CR-masked pixel: the source then sits on the unmasked end of a track ISR found
+    in part, and the pixels between carry the track. For noise alone it is ≳ 3 with
+    probability ~10⁻⁴; a track at 3 σ per pixel gives ~10. A wholly unmasked track *ending* at
+    the source has one arm only: it is recognised by its pixels — at least
+    ``_TRACK_END_PIXELS`` of the arm's 11 above 2σ and one pixel wide (the residual two pixels
+    across below 40 % of theirs) — and scores +inf (noise: ~10⁻⁹ per arm; a star's core covers
+    three or four of them, its wings are not that narrow). Positions off the image get −inf.
+    """
+    n = x.size
+    if n == 0:
+        return np.zeros(0)
+    r0, r1 = _TRACK_R
+    h = r1 + 2
+    ix = np.rint(x).astype(np.int64)
+    iy = np.rint(y).astype(np.int64)
+    (d, v, m), inside = _gather_many((image, variance, mask), ix, iy, h)
+    c = grid.h
+    k = min(c, h)
+    phi = grid.at(x - ix, y - iy)[:, c - k : c + k + 1, c - k : c + k + 1]
+    model = np.zeros((n, 2 * h + 1, 2 * h + 1))
+    model[:, h - k : h + k + 1, h - k : h + k + 1] = phi * np.nan_to_num(flux)[:, None, None]
+    unusable = np.uint16(Mask.NO_DATA | Mask.SAT | Mask.BAD | Mask.EDGE | Mask.CR)
+    w = inside & ((m & unusable) == 0)
+    resid = np.where(w, d.astype(np.float64) - model, 0.0)
+    var = np.where(w, v.astype(np.float64), 0.0)
+    amod = np.where(w, np.abs(model), 0.0)
+    is_cr = inside & ((m & np.uint16(Mask.CR)) != 0)
+    odx, ody = _track_offsets(r0, r1, _TRACK_ANGLES)
+    qx = np.rint(odx[None] + (x - ix)[:, None, None, None, None]).astype(np.int64) + h
+    qy = np.rint(ody[None] + (y - iy)[:, None, None, None, None]).astype(np.int64) + h
+    qx = np.clip(qx, 0, 2 * h)
+    qy = np.clip(qy, 0, 2 * h)
+    src = np.arange(n)[:, None, None, None, None]
+    signal = resid[src, qy, qx].sum(axis=-1)
+    noise2 = var[src, qy, qx].sum(axis=-1) + (_TRACK_TOL * amod[src, qy, qx].sum(axis=-1)) ** 2
+    used = w[src, qy, qx].sum(axis=-1)
+    arm = np.where(used >= 3, signal / np.sqrt(np.maximum(noise2, 1e-30)), 0.0)
+    through = arm.min(axis=-1).reshape(n, -1).max(axis=1)
+    # An arm that reaches a CR-masked pixel continues a track ISR found in part: one is enough.
+    reaches_cr = is_cr[src, qy, qx].any(axis=-1)
+    to_cr = np.where(reaches_cr, arm, -np.inf).reshape(n, -1).max(axis=1)
+    # A track ending at the source, unmasked: pixels along one arm that are significant and
+    # a line's width (two pixels across, the residual falls below 40 % of theirs; a star's
+    # profile does not, or covers only a few pixels of the arm).
+    px, py = _track_perpendicular(_TRACK_ANGLES)
+    on = resid[src, qy, qx]
+    beside = np.zeros_like(on)
+    for sign in (1.0, -1.0):
+        bx = np.clip(np.rint(qx + sign * 2.0 * px).astype(np.int64), 0, 2 * h)
+        by = np.clip(np.rint(qy + sign * 2.0 * py).astype(np.int64), 0, 2 * h)
+        beside += 0.5 * resid[src, by, bx]
+    line = (
+        w[src, qy, qx]
+        & (on * on > _TRACK_PIXEL_SNR**2 * var[src, qy, qx])
+        & (on > 0)
+        & (beside < _TRACK_NARROW * on)
+    )
+    pixels = line.sum(axis=-1).reshape(n, -1).max(axis=1)
+    ending = np.where(pixels >= _TRACK_END_PIXELS, np.inf, -np.inf)
+    best = np.maximum(np.maximum(through, to_cr), ending)
+    return np.where(inside[:, h, h], best, -np.inf)
+
+
+def _track_perpendicular(n_angles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vector across each direction of :func:`_track_offsets`, broadcastable to it."""
+    ang = np.arange(n_angles) * math.pi / n_angles
+    return -np.sin(ang)[None, :, None, None, None], np.cos(ang)[None, :, None, None, None]
+
+
+def _nearby_static_flux(
+    reference: Exposure, x: np.ndarray, y: np.ndarray, fwhm: float
+) -> np.ndarray:
+    """Flux of the brightest static source near each position, down-weighted with distance.
+
+    ``max_p I(p) · exp(−d_p² / 2σ_w²) / φ_peak`` over the reference image (the template: what
+    does not vary) within ``2σ_w`` pixels, ``σ_w = 2.5 FWHM`` of the difference's PSF: a
+    kernel error moves a star's light by up to a kernel's width plus the star's own extent,
+    which is where its residual rings lie. In the reference's units.
+    """
+    assert reference.psf is not None
+    if x.size == 0:
+        return np.zeros(0)
+    sigma_w = 2.5 * fwhm
+    r = math.ceil(2.0 * sigma_w)
+    ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    stamps, inside = _gather(reference.image, ix, iy, r)
+    off = np.arange(-r, r + 1, dtype=np.float64)
+    d2 = (off[None, None, :] - (x - ix)[:, None, None]) ** 2 + (
+        off[None, :, None] - (y - iy)[:, None, None]
+    ) ** 2
+    weight = np.exp(-0.5 * d2 / sigma_w**2)
+    peak = np.where(inside, np.maximum(stamps, 0.0), 0.0) * weight
+    phi_peak = float(reference.psf.stamp().max())
+    return np.asarray(peak.max(axis=(1, 2)) / max(phi_peak, 1e-12))
+
+
+def _matching_factor(flux_err: np.ndarray, static: np.ndarray) -> np.ndarray:
+    """``σ / √(σ² + (η F)²)``: the S/N's scaling for the PSF matching's error.
+
+    No subtraction is perfect: a static source of flux ``F`` leaves a residual of a fraction
+    of ``F`` — kernel and PSF-model errors, sub-pixel registration — at its position and in
+    rings around it. Measured at the catalogue stars of full-size 0.38–0.9″ science images
+    against 0.65″ templates, that residual's PSF flux is 0.2 % of the star's (median), 0.55 %
+    (90th percentile), 1 % at most. ``F`` is the largest of the science and template PSF
+    fluxes at the source and the nearby static flux (:func:`_nearby_static_flux`); with
+    ``η = MATCHING_ERROR`` (0.5 %) added in quadrature to the source's noise, as the "source
+    noise" and astrometric terms of Zackay, Ofek & Gal-Yam (2016, ApJ 830, 27, §3.3–3.4) are
+    for their ``S_corr``, such residuals fall below any threshold, while a variable star
+    changing by ≳ 3 % stays significant. Away from bright stars the factor is 1.
+    """
+    err = np.nan_to_num(flux_err, nan=np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = err / np.sqrt(err * err + (MATCHING_ERROR * static) ** 2)
+    return np.where(np.isfinite(f), f, 1.0)
 
 
 def _reliability(chi2: np.ndarray, ndata: np.ndarray, snr2: np.ndarray) -> np.ndarray:
@@ -676,6 +872,10 @@ def detect_dia_sources(
     excess = np.maximum(
         np.maximum(0.0, s_model - _SHARP_MODEL_OK) / _SHARP_MODEL_SCALE, np.maximum(0.0, s_ratio)
     )
+    # A cosmic-ray track ISR left (partly) unmasked: a line through the source in the science.
+    track = _track(science.image, science.variance, science.mask, sci_grid, xs, ys, fs)
+    track = np.where(table["psfFlux"] > 0, track, -np.inf)
+    excess = np.maximum(excess, np.maximum(0.0, track - _TRACK_OK) / _TRACK_SCALE)
     table["reliability"] = table["reliability"] / (1.0 + excess**2)
     if template is not None and tmpl_grid is not None:
         tfit = _psf_fit(template.image, template.variance, template.mask, tmpl_grid, x, y)
@@ -689,6 +889,15 @@ def detect_dia_sources(
         table[key] = table[key] * njy
     for key in ("dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr"):
         table[key] = table[key] * njy
+    # Significance with the PSF matching's own error on the static sources around it.
+    static = np.fmax(
+        np.abs(np.nan_to_num(table["scienceFlux"])), np.abs(np.nan_to_num(table["templateFlux"]))
+    )
+    reference = template if template is not None else science
+    assert reference.psf is not None
+    nearby = _nearby_static_flux(reference, x, y, fwhm) * reference.njy_per_electron()
+    table["snr"] = table["snr"] * _matching_factor(table["psfFluxErr"], np.fmax(static, nearby))
+    significant = np.abs(table["snr"]) >= threshold
 
     # Shapes (arcsec²) of the source and of the PSF.
     pix2 = science.pixel_scale_arcsec**2
@@ -717,6 +926,11 @@ def detect_dia_sources(
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     flags = _flags(difference.mask, ix, iy, max(2, math.ceil(1.5 * fwhm)))
     reject_center = flags.pop("_reject_center")
+    # ISR masks a cosmic ray's bright pixels and may leave a faint one or two between or
+    # beside them: a source whose centre is within 2 pixels of the science's CR pixels is
+    # the remainder of a cosmic ray (or too close to one to be measured).
+    cr_box, cr_in = _gather(science.mask, ix, iy, 2)
+    reject_center |= (np.where(cr_in, cr_box, 0) & np.uint16(Mask.CR)).any(axis=(1, 2))
     table.update(flags)
     ny, nx = science.shape
     table["pixelFlags_offimage"] = (x < -0.5) | (x > nx - 0.5) | (y < -0.5) | (y > ny - 0.5)
@@ -725,7 +939,7 @@ def detect_dia_sources(
     table["band"] = np.full(n, science.info.band or "", dtype=object)
 
     frame = pd.DataFrame({k: _typed(k, table[k]) for k in DIA_SOURCE_COLUMNS})
-    frame = frame[frame["reliability"] >= min_reliability]
+    frame = frame[significant & (frame["reliability"].to_numpy() >= min_reliability)]
     return frame.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
 
 

@@ -34,7 +34,13 @@ TEMPLATE_EPOCHS = 3
 """Earlier visits per field and band that go into a template (clipped mean needs ≥ 3)."""
 
 TEMPLATE_LOOKBACK_DAYS = 365.0
-"""How long before the night the template visits were taken (transients differ by then)."""
+"""How long before the night the first template visit was taken (transients differ by then)."""
+
+TEMPLATE_SPACING_DAYS = 310
+"""Days between the template visits: longer than any simulated transient shines (rise ≤ 48 d,
+fall ≤ 260 d), so a transient is in at most one of them and the coadd's clipping removes it
+(three visits days apart would bake a transient into the template, and its fading would
+then look like a negative source)."""
 
 _CALIB_COUNTS = {"bias": 5, "dark": 3, "flat": 3}
 
@@ -265,7 +271,9 @@ def _archive_template_visits(
     try:
         with tempfile.TemporaryDirectory(prefix="ldf-template-seed-") as tmp:
             for epoch in range(TEMPLATE_EPOCHS):
-                t_day, mjd0 = _prev_day(day_obs, int(TEMPLATE_LOOKBACK_DAYS) + 2 * epoch)
+                t_day, mjd0 = _prev_day(
+                    day_obs, int(TEMPLATE_LOOKBACK_DAYS) + TEMPLATE_SPACING_DAYS * epoch
+                )
                 for i, f in enumerate(fields):
                     mjd = mjd0 + 5.0 / 24 + i * 40 / 86400  # a night-time visit
                     cond = conditions_for(
