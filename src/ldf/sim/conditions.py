@@ -53,8 +53,11 @@ DARK_SKY_MAG = {"u": 22.9, "g": 22.3, "r": 21.2, "i": 20.5, "z": 19.6, "y": 18.6
 _MOON_COLOUR = {"u": 0.9, "g": 0.1, "r": -0.2, "i": -0.3, "z": -0.3, "y": -0.3, "white": -0.1}
 # Moonlit sky colour relative to V (AB mag): solar spectrum made bluer by Rayleigh scattering.
 
-# The bundled IERS tables are enough for a simulator's sky; never try the network.
+# The bundled IERS tables are enough for a simulator's sky; never try the network, and use
+# their predictions however old (an offline machine cannot refresh them; a simulator's
+# sidereal time does not need sub-second UT1).
 iers.conf.auto_download = False
+iers.conf.auto_max_age = None
 
 RUBIN_LATITUDE_DEG = -30.244639
 """Latitude of Cerro Pachón."""
