@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -456,3 +457,28 @@ def test_history_preloaded_on_next_visit_is_used_only_while_current(
     n_sources = sum(j["n_dia_sources"] for j in jobs)
     n_new = sum(j["n_new_objects"] for j in jobs)
     assert n_new < 0.7 * n_sources  # most revisit sources are the same objects
+
+
+def test_cli_reports_visits_and_detectors(facility: Facility, make_service: Any) -> None:
+    from typer.testing import CliRunner
+
+    from ldf.cli import app
+
+    svc = make_service()
+    visit = facility.visits[0]
+    announce(svc, visit)
+    svc.run(until_idle=True)
+    svc.close()
+    runner = CliRunner()
+    out = runner.invoke(app, ["prompt", "visits", "--json"])
+    assert out.exit_code == 0, out.output
+    (row,) = json.loads(out.stdout)
+    assert row["exposure_id"] == visit.exposure_id
+    assert row["done"] == len(DETECTORS)
+    assert row["latency_p98_s"] >= row["latency_p50_s"] > 0
+    out = runner.invoke(app, ["prompt", "detectors", str(visit.exposure_id), "--json"])
+    assert out.exit_code == 0, out.output
+    assert {j["detector"] for j in json.loads(out.stdout)} == set(DETECTORS)
+    out = runner.invoke(app, ["prompt", "detectors", "1"])
+    assert out.exit_code == 2
+    assert out.stderr.strip() == "error: no detectors of exposure 1 in Prompt Processing"

@@ -33,8 +33,8 @@ def _service(ctx: typer.Context, instrument: str) -> Iterator[object]:
         service.close()
 
 
-def _fmt(value: float | None, unit: str = " s") -> str:
-    return "-" if value is None else f"{value:.2f}{unit}"
+def _fmt(value: float | None, unit: str = "s") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"
 
 
 @app.command()
@@ -55,25 +55,15 @@ def visits(
         return
     table = Table(title=f"Prompt Processing · {instrument}")
     table.caption = f"latency: end of readout → alerts handed to distribution (OTT1 {OTT1_S:g} s)"
-    for col in (
-        "exposure",
-        "type",
-        "det",
-        "done",
-        "failed",
-        "late",
-        "alerts",
-        "p50",
-        "p98",
-        "≤OTT1",
-    ):
-        table.add_column(col, justify="left" if col in ("exposure", "type") else "right")
+    for col in ("exposure", "type", "done", "fail", "late", "alerts", "p50", "p98", "≤OTT1"):
+        table.add_column(
+            col, justify="left" if col in ("exposure", "type") else "right", no_wrap=True
+        )
     for r in reports:
         table.add_row(
             str(r.exposure_id),
             r.obs_type,
-            str(r.detectors),
-            str(r.done),
+            f"{r.done}/{r.detectors}",
             str(r.failed),
             str(r.timeout + r.offline + r.skipped),
             str(r.alerts),
