@@ -189,19 +189,25 @@ def test_read_only_repository(
             ro.remove_raws("LSSTCam", exp_id(1))
 
 
-def test_concurrent_creators_never_open_a_half_made_repository(tmp_path: Path) -> None:
-    """Two archivers creating the OODS Butler at once: both get a working repository."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_creator_waits_for_another_creators_lock(tmp_path: Path) -> None:
+    """Two archivers creating the OODS Butler at once: the second waits until the first has
+    finished (makeRepo writes butler.yaml before the registry; opening in between fails)."""
+    import threading
+
+    from lsst.resources import ResourcePath
+
+    from ldf.butler.repo import _creation_lock
 
     root = tmp_path / "shared-butler"
+    done = threading.Event()
 
-    def create(_: int) -> list[str]:
-        repo = ButlerRepo.create(root)
-        try:
-            return sorted(repo.butler.registry.queryDatasetTypes())  # type: ignore[arg-type]
-        finally:
-            repo.close()
+    def create() -> None:
+        ButlerRepo.create(root).close()
+        done.set()
 
-    with ThreadPoolExecutor(4) as pool:
-        results = [str(r) for r in pool.map(create, range(4))]
-    assert len(set(results)) == 1
+    with _creation_lock(ResourcePath(str(root), forceDirectory=True)):
+        t = threading.Thread(target=create)
+        t.start()
+        assert not done.wait(1.0)  # blocked behind the lock held here
+    t.join(timeout=60)
+    assert done.is_set()

@@ -7,7 +7,6 @@ file the archiver would.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +117,17 @@ def expected_zero_point(instrument: Instrument, detector: Detector, visit: Visit
     detector's flat pattern (the calibrated image is divided by the flat normalised to its
     median, so a source keeps that fraction of its electrons).
     """
-    assert visit.band is not None
+    from ldf.prompt.validation import expected_zero_point as expected
+
     assert visit.conditions is not None
-    zp = instrument.zero_points[visit.band]
-    k = instrument.extinction[visit.band]
-    norm = float(np.median(flat_pattern(instrument, detector)))
-    return (
-        zp
-        - k * (visit.airmass - 1.0)
-        + 2.5 * math.log10(visit.conditions.transparency)
-        + 2.5 * math.log10(norm)
-    )
+    truth = {
+        "band": visit.band,
+        "airmass": visit.airmass,
+        "transparency": visit.conditions.transparency,
+    }
+    zp = expected(instrument, detector, truth)
+    assert zp is not None
+    return zp
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,13 @@ _SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
 def angular_separation_deg(
-    ra1: float | np.ndarray, dec1: float | np.ndarray, ra2: np.ndarray, dec2: np.ndarray
+    ra1: float | np.ndarray,
+    dec1: float | np.ndarray,
+    ra2: float | np.ndarray,
+    dec2: float | np.ndarray,
 ) -> np.ndarray:
-    """Great-circle separation (degrees), haversine formula (accurate at small angles)."""
+    """Great-circle separation (degrees), haversine formula (accurate at small angles);
+    a numpy scalar for scalar inputs."""
     r1, d1, r2, d2 = (np.radians(v) for v in (ra1, dec1, ra2, dec2))
     h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
     return np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))

@@ -7,11 +7,14 @@ characterization, astrometry, photometric calibration, in that order, each timed
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ldf.butler.formatters import RawImage
 from ldf.pipelines import astrometry, characterize, isr, photometry
@@ -20,10 +23,26 @@ from ldf.pipelines.refcat import RefcatStore
 from ldf.pipelines.types import Exposure
 from ldf.sim.instruments import Instrument
 
-__all__ = ["PSF_STARS", "SingleFrame", "StageTimer", "single_frame"]
+__all__ = ["PSF_STARS", "SingleFrame", "StageTimer", "plain_quality", "single_frame"]
 
 PSF_STARS = 30
 """Brightest isolated stars the PSF model is fitted to."""
+
+
+def plain_quality(quality: Mapping[str, Any]) -> dict[str, Any]:
+    """Image-quality parameters as plain YAML/JSON values: numpy scalars to Python, NaN/inf to
+    None (as Prompt Processing sends them to the observatory)."""
+    out: dict[str, Any] = {}
+    for key, value in quality.items():
+        if isinstance(value, bool | np.bool_):
+            out[key] = bool(value)
+        elif isinstance(value, int | np.integer):
+            out[key] = int(value)
+        elif isinstance(value, float | np.floating):
+            out[key] = float(value) if math.isfinite(value) else None
+        else:
+            out[key] = value
+    return out
 
 
 class StageTimer:

@@ -56,12 +56,8 @@ Failures
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from lsst.pex.config import ChoiceField, Field
@@ -83,7 +79,7 @@ from ldf.butler.formatters import EXPOSURE_STORAGE_CLASS, RAW_STORAGE_CLASS, Raw
 from ldf.pipelines import dia, diffim
 from ldf.pipelines.calibs import CalibSet, MasterCalib
 from ldf.pipelines.refcat import RefcatStore
-from ldf.pipelines.singleframe import StageTimer, single_frame
+from ldf.pipelines.singleframe import StageTimer, plain_quality, single_frame
 from ldf.pipelines.templates import TemplateStore
 from ldf.pipelines.types import DetectorError, Exposure, VisitInfo
 from ldf.sim.instruments import get_instrument
@@ -202,22 +198,6 @@ def load_calibs(calib_root: str | Path, info: VisitInfo) -> CalibSet:
     if not info.band:
         raise DetectorError("isr", f"{info.detector}: the raw names no band; cannot flat-field")
     return CalibSet(bias=one("bias"), dark=one("dark"), flat=one("flat", info.band))
-
-
-def plain_quality(quality: Mapping[str, Any]) -> dict[str, Any]:
-    """Image-quality parameters as plain YAML/JSON values: numpy scalars to Python, NaN/inf to
-    None (as Prompt Processing sends them to the observatory)."""
-    out: dict[str, Any] = {}
-    for key, value in quality.items():
-        if isinstance(value, bool | np.bool_):
-            out[key] = bool(value)
-        elif isinstance(value, int | np.integer):
-            out[key] = int(value)
-        elif isinstance(value, float | np.floating):
-            out[key] = float(value) if math.isfinite(value) else None
-        else:
-            out[key] = value
-    return out
 
 
 # ------------------------------------------------------------------------------- single frame

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ldf.errors import LdfError
+from ldf.pipelines.refcat import angular_separation_deg
 from ldf.pipelines.types import DetectorError
 
 __all__ = [
@@ -36,17 +37,10 @@ __all__ = [
     "Preloader",
     "calib_filename",
     "load_snapshot",
-    "separation_deg",
 ]
 
 HISTORY_DIR = "apdb-history"
 """Scratch sub-directory of a visit's APDB history snapshot."""
-
-
-def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    r1, d1, r2, d2 = (math.radians(v) for v in (ra1, dec1, ra2, dec2))
-    c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos(r1 - r2)
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
 def load_snapshot(directory: str | Path) -> Any:
@@ -163,7 +157,7 @@ class Preloader:
         for name in detectors:
             missing: list[str] = []
             kinds: list[tuple[str, str | None]] = [("bias", None)]
-            if visit.obs_type in ("science", "flat", "engtest") or visit.obs_type == "dark":
+            if visit.obs_type != "bias":
                 kinds.append(("dark", None))
             if visit.obs_type in ("science", "engtest", "flat") and visit.band:
                 kinds.append(("flat", visit.band))
@@ -244,7 +238,7 @@ class Preloader:
         for det, wcs in zip(dets, wcss, strict=True):
             cra, cdec = (float(v) for v in wcs.wcs_pix2world((det.nx - 1) / 2, (det.ny - 1) / 2, 0))
             half = math.hypot(det.nx, det.ny) / 2 * camera.pixel_scale_arcsec / 3600
-            radius = max(radius, separation_deg(ra, dec, cra, cdec) + half)
+            radius = max(radius, float(angular_separation_deg(ra, dec, cra, cdec)) + half)
         radius += 0.01
         when = visit.start_tai_mjd
         t = Time(when, format="mjd", scale="tai") if when is not None else Time.now()

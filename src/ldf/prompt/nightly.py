@@ -90,30 +90,12 @@ def _plan_conditions(path: str | None) -> dict[int, dict[str, Any]]:
     return out
 
 
-def expected_zero_point(camera: Any, detector: Any, truth: dict[str, Any]) -> float | None:
-    """The zero point a correct calibration measures on a detector (AB mag of 1 e-/s):
-    the camera's, extinction at the airmass, the clouds, and the flat-field normalisation
-    (master flats are normalised to their median, so a source keeps that fraction)."""
-    from ldf.sim.camera import flat_pattern
-
-    band, airmass, transp = truth.get("band"), truth.get("airmass"), truth.get("transparency")
-    if not band or airmass is None or not transp or band not in camera.zero_points:
-        return None
-    norm = float(np.median(flat_pattern(camera, detector)))
-    return (
-        camera.zero_points[band]
-        - camera.extinction[band] * (airmass - 1.0)
-        + 2.5 * math.log10(transp)
-        + 2.5 * math.log10(norm)
-    )
-
-
 def summarize_prompt(
     settings: Settings, service: Any, day_obs: int, truth_table: str | None
 ) -> dict[str, Any]:
     """Per-visit service level, validation against truth and QA (JSON-ready)."""
     from ldf.pipelines.apdb import PromptApdb
-    from ldf.prompt.validation import score_detector, summarize
+    from ldf.prompt.validation import expected_zero_point, score_detector, summarize
     from ldf.sim.instruments import get_instrument
 
     reports = service.reports(day_obs)

@@ -7,7 +7,6 @@ what they make is reproducible from archived data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +15,6 @@ from ldf.errors import NotFoundError, UserInputError
 from ldf.prompt.inputs import InputPaths
 
 __all__ = ["build_calibs", "build_templates", "template_coverage"]
-
-
-def _angular_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    r1, d1, r2, d2 = (math.radians(v) for v in (ra1, dec1, ra2, dec2))
-    c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos(r1 - r2)
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
 def template_coverage(
@@ -86,7 +79,7 @@ def build_templates(
     """
     from ldf.pipelines.calibs import CalibSet, MasterCalib
     from ldf.pipelines.isr import read_raw
-    from ldf.pipelines.refcat import RefcatStore
+    from ldf.pipelines.refcat import RefcatStore, angular_separation_deg
     from ldf.pipelines.singleframe import single_frame
     from ldf.pipelines.templates import TemplateStore, build_template
     from ldf.pipelines.types import DetectorError
@@ -110,7 +103,7 @@ def build_templates(
         ra, dec = header.get("RA"), header.get("DEC")
         if not isinstance(ra, float | int) or not isinstance(dec, float | int):
             continue
-        if _angular_deg(float(ra), float(dec), ra_deg, dec_deg) <= radius_deg:
+        if angular_separation_deg(float(ra), float(dec), ra_deg, dec_deg) <= radius_deg:
             chosen.append(row)
     if not chosen:
         raise NotFoundError(

@@ -39,7 +39,8 @@ import numpy as np
 from ldf.config import Settings
 from ldf.config.models import PromptPolicy
 from ldf.errors import UserInputError
-from ldf.prompt.inputs import HISTORY_DIR, InputPaths, Preloader, separation_deg
+from ldf.pipelines.refcat import angular_separation_deg
+from ldf.prompt.inputs import HISTORY_DIR, InputPaths, Preloader
 from ldf.prompt.models import (
     STAGES,
     DetectorJob,
@@ -361,7 +362,7 @@ class PromptService:
             spec = (other or {}).get("spec") or {}
             if "ra_deg" not in spec or spec.get("obs_type") != "science":
                 continue
-            if separation_deg(meta["ra"], meta["dec"], spec["ra_deg"], spec["dec_deg"]) < (
+            if angular_separation_deg(meta["ra"], meta["dec"], spec["ra_deg"], spec["dec_deg"]) < (
                 2 * float(meta["radius_deg"])
             ):
                 return None

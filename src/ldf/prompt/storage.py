@@ -164,9 +164,7 @@ class PromptStore(SqlStore):
             row.arrived_unix = now
             return True
 
-    def claim(
-        self, *, offline: bool = False, exclude: set[tuple[int, str]] | None = None
-    ) -> dict[str, Any] | None:
+    def claim(self, *, offline: bool = False) -> dict[str, Any] | None:
         """Take the oldest queued job (or offline job) and mark it RUNNING; None if none."""
         states = (
             [JobState.OFFLINE.value, JobState.TIMEOUT.value] if offline else [JobState.QUEUED.value]
@@ -176,19 +174,18 @@ class PromptStore(SqlStore):
                 select(SQLJob)
                 .where(SQLJob.state.in_(states))
                 .order_by(SQLJob.exposure_id, SQLJob.detector)
-                .limit(1 + len(exclude or ()))
+                .limit(1)
             )
             if s.bind is not None and s.bind.dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)
-            for row in s.scalars(q):
-                if exclude and (row.exposure_id, row.detector) in exclude:
-                    continue
-                row.state = JobState.RUNNING.value
-                row.attempts += 1
-                row.started_unix = time.time()
-                row.offline = row.offline or offline
-                return _job_dict(row)
-            return None
+            row = s.scalars(q).first()
+            if row is None:
+                return None
+            row.state = JobState.RUNNING.value
+            row.attempts += 1
+            row.started_unix = time.time()
+            row.offline = row.offline or offline
+            return _job_dict(row)
 
     def finish(self, outcome: DetectorOutcome, *, finished_unix: float | None = None) -> None:
         """Record a worker's outcome for a detector."""

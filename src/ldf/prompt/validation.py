@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MATCH_RADIUS_ARCSEC", "RECOVERY_SNR", "expected_snr", "score_detector", "summarize"]
+__all__ = [
+    "MATCH_RADIUS_ARCSEC",
+    "RECOVERY_SNR",
+    "expected_snr",
+    "expected_zero_point",
+    "score_detector",
+    "summarize",
+]
 
 MATCH_RADIUS_ARCSEC = 1.0
 """A DiaSource within this distance of an injected source recovers it."""
@@ -42,6 +49,24 @@ def expected_snr(
     nea = 4.0 * math.pi * sigma * sigma
     var = np.asarray(flux_e) + nea * (sky_e + read_noise_e**2) * (1.0 + _TEMPLATE_NOISE)
     return np.asarray(flux_e) / np.sqrt(var)
+
+
+def expected_zero_point(camera: Any, detector: Any, truth: dict[str, Any]) -> float | None:
+    """The zero point a correct calibration measures on a detector (AB mag of 1 e-/s):
+    the camera's, extinction at the airmass, the clouds, and the flat-field normalisation
+    (master flats are normalised to their median, so a source keeps that fraction)."""
+    from ldf.sim.camera import flat_pattern
+
+    band, airmass, transp = truth.get("band"), truth.get("airmass"), truth.get("transparency")
+    if not band or airmass is None or not transp or band not in camera.zero_points:
+        return None
+    norm = float(np.median(flat_pattern(camera, detector)))
+    return (
+        camera.zero_points[band]
+        - camera.extinction[band] * (airmass - 1.0)
+        + 2.5 * math.log10(transp)
+        + 2.5 * math.log10(norm)
+    )
 
 
 def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:

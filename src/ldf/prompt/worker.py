@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 # Imported here so the forkserver's workers start with the whole stack loaded.
-import numpy as np
 import pandas as pd  # noqa: F401
 import sep  # noqa: F401
 
@@ -35,7 +34,7 @@ from ldf.pipelines import (
     refcat,
     templates,
 )
-from ldf.pipelines.singleframe import StageTimer, single_frame
+from ldf.pipelines.singleframe import StageTimer, plain_quality, single_frame
 from ldf.pipelines.types import DetectorError, VisitInfo
 from ldf.prompt.inputs import InputPaths, load_snapshot
 from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
@@ -54,19 +53,6 @@ def init_worker(qa_queue: Any) -> None:
 def _send_qa(job: DetectorJob, name: str, qa: dict[str, Any]) -> None:
     if _qa_queue is not None:
         _qa_queue.put((job.exposure_id, job.detector, name, qa, job.offline))
-
-
-def _finite(qa: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe QA values (NaN/inf → None)."""
-    out: dict[str, Any] = {}
-    for key, value in qa.items():
-        if isinstance(value, float | np.floating):
-            out[key] = float(value) if math.isfinite(value) else None
-        elif isinstance(value, np.integer | np.bool_):
-            out[key] = value.item()
-        else:
-            out[key] = value
-    return out
 
 
 def process_detector(job_json: str) -> str:
@@ -104,7 +90,7 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: StageTimer) -> None:
     if info.obs_type in ("bias", "dark", "flat"):
         with timer("isr"):
             qa = calibs.calibration_qa(raw, calib_set, camera)
-        outcome.qa = _finite({"obs_type": info.obs_type, **qa})
+        outcome.qa = plain_quality({"obs_type": info.obs_type, **qa})
         _send_qa(job, "calibrationQA", outcome.qa)
         return
 
@@ -116,7 +102,7 @@ def _run(job: DetectorJob, outcome: DetectorOutcome, timer: StageTimer) -> None:
         timer=timer,
     )
     science = frame.exposure
-    outcome.qa = _finite(frame.quality())
+    outcome.qa = plain_quality(frame.quality())
     if job.qa_first:
         _send_qa(job, "imageQuality", outcome.qa)
 
