@@ -344,9 +344,73 @@ class BackbonePolicy(_Policy):
 class AlertsPolicy(_Policy):
     """Alert distribution policies (LDM-230 4.3)."""
 
+    root: str | None = Field(
+        default=None, description="Alert log and archive root (None: $LDF_HOME/alerts)."
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    port: int = Field(default=8031, ge=0, le=65535, description="HTTP port (0: any free port).")
+    credentials_file: str | None = Field(
+        default=None,
+        description="Brokers', producers' and operators' credentials (None: "
+        "$LDF_HOME/secrets/alerts-credentials.yaml).",
+    )
+    max_batch_entries: int = Field(
+        default=2000, ge=1, description="Most entries one fetch returns."
+    )
+    max_batch_bytes: int = Field(
+        default=32 << 20, ge=1 << 16, description="Most bytes one fetch returns (one entry "
+        "always goes, however large)."
+    )  # fmt: skip
+    max_wait_s: float = Field(
+        default=30.0, ge=0, description="Longest long-poll a consumer may ask for."
+    )
+    max_ingest_bytes: int = Field(
+        default=512 << 20, ge=1 << 16, description="Largest ingest request body."
+    )
+    lag_check_s: float = Field(default=5.0, gt=0, description="How often feed lag is checked.")
+    archive_delay_s: float = Field(
+        default=60.0, ge=0, description="A closed visit is archived (gzipped) this long after "
+        "its manifest, off the delivery path."
+    )  # fmt: skip
+    hot_retention_days: float = Field(
+        default=7.0, gt=0, description="Hot segments are kept this long after archiving."
+    )
+    fetch_url: str = Field(
+        default="/alerts/v1/alerts/{alert_id}",
+        description="Where a notification says the full packet is ({alert_id} filled in).",
+    )
+
 
 class TelemetryPolicy(_Policy):
     """Telemetry gateway policies (LDM-230 2.7)."""
+
+    device: str = Field(
+        default="TelemetryGateway",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The gateway's own OCS device name (its commands, state and events).",
+    )
+    producers_file: str | None = Field(
+        default=None,
+        description="YAML file of producers and their token hashes "
+        "(None: $LDF_HOME/secrets/telemetry-producers.yaml).",
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    port: int = Field(default=8022, ge=0, le=65535, description="HTTP port (0: any free port).")
+    max_body_bytes: int = Field(
+        default=65536, ge=256, description="Largest message body (and payload in a batch)."
+    )
+    max_batch_bytes: int = Field(default=1 << 20, ge=256, description="Largest batch body.")
+    max_batch_messages: int = Field(default=500, ge=1, description="Most messages in a batch.")
+    retry_base_s: float = Field(
+        default=0.5, gt=0, description="First wait before retrying an unavailable bus (doubles)."
+    )
+    retry_max_s: float = Field(default=30.0, gt=0, description="Longest wait between retries.")
+    retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Injected messages and audit rows are kept this long; a message id can be "
+        "deduplicated for this long.",
+    )
 
 
 class Policies(_Strict):

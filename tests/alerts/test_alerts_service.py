@@ -1,0 +1,226 @@
+"""The alert service's contract, on SQLite and PostgreSQL: ingest, feeds, manifests, replay."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from ldf.alerts import formats
+from ldf.alerts.models import FeedFormat, FeedSpec, ReplaySpec, manifest_checksum
+from ldf.alerts.service import AlertService
+from ldf.alerts.synthetic import alert_id_for
+from ldf.errors import NotFoundError, StateError, UserInputError
+from ldf.pipelines.alertpacket import AlertPacketError, AlertSchema, LocalAlertSink
+from tests.alerts.conftest import VISIT, packets
+
+
+def drain(service: AlertService, feed: str) -> list:
+    """Everything a feed has now, acknowledging as it goes."""
+    out = []
+    while batch := service.fetch(feed, max_entries=7):
+        out += batch
+        service.ack(feed, batch[-1].position)
+    return out
+
+
+def test_ingest_is_durable_and_idempotent(service: AlertService) -> None:
+    batch = packets(VISIT, 20)
+    first = service.ingest(batch)
+    assert (first.accepted, first.duplicates) == (20, 0)
+    again = service.ingest([*batch[5:], *packets(VISIT, 5, start=20)])
+    assert (again.accepted, again.duplicates) == (5, 15)
+    assert service.store.counts()["alerts"] == 25
+    # Bytes come back exactly as produced.
+    assert service.get_alert(alert_id_for(VISIT, 3)) == batch[3]
+    # Within one batch a repeated packet counts once.
+    r = service.ingest([packets(VISIT, 1, start=30)[0]] * 3)
+    assert (r.accepted, r.duplicates) == (1, 2)
+
+
+def test_bad_packet_stores_nothing_of_its_batch(service: AlertService) -> None:
+    good = packets(VISIT, 3)
+    with pytest.raises(AlertPacketError, match="packet 1 of 3"):
+        service.ingest([good[0], b"\x00\x00\x00\x04\x4d garbage", good[2]])
+    with pytest.raises(AlertPacketError, match="magic byte"):
+        service.ingest([b"\x01" + good[0][1:]])
+    with pytest.raises(AlertPacketError, match="not supported"):
+        service.ingest([b"\x00\x00\x00\x00\x07" + good[0][5:]])
+    assert service.store.counts()["alerts"] == 0
+
+
+def test_lookup_by_id_object_and_visit(service: AlertService) -> None:
+    service.ingest(packets(VISIT, 4))
+    service.ingest(packets(VISIT + 1, 2))
+    info = service.alert_info(alert_id_for(VISIT, 2))
+    assert info["visit"] == VISIT and info["dia_object_id"] is not None
+    assert service.store.alert_ids(dia_object_id=info["dia_object_id"]) == [alert_id_for(VISIT, 2)]
+    assert service.store.alert_ids(visit=VISIT + 1) == [
+        alert_id_for(VISIT + 1, 0),
+        alert_id_for(VISIT + 1, 1),
+    ]
+    with pytest.raises(NotFoundError):
+        service.get_alert(12345)
+
+
+def test_every_alert_once_per_feed_with_manifests(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="a-full", broker="a"))
+    service.create_feed(FeedSpec(name="b-lite", broker="b", format=FeedFormat.NOTIFICATION))
+    service.ingest(packets(VISIT, 10))
+    manifest = service.close_visit(VISIT)
+    assert manifest.count == 10
+    assert manifest.checksum == manifest_checksum(alert_id_for(VISIT, i) for i in range(10))
+    full = drain(service, "a-full")
+    lite = drain(service, "b-lite")
+    for got in (full, lite):
+        alerts = [d for d in got if d.kind == "alert"]
+        assert sorted(d.alert_id for d in alerts) == [alert_id_for(VISIT, i) for i in range(10)]
+        assert [d.kind for d in got][-1] == "manifest"
+    assert [d.body for d in full if d.kind == "alert"] == list(packets(VISIT, 10))
+    note = formats.json_loads(lite[0].body)
+    assert note["alertId"] == alert_id_for(VISIT, 0) and note["visit"] == VISIT
+    assert "url" in note and str(note["alertId"]) in note["url"]
+    # Nothing more, and closing again without changes adds no revision.
+    assert service.close_visit(VISIT).revision == 1
+    assert service.fetch("a-full") == []
+
+
+def test_late_alerts_revise_the_manifest(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="f", broker="a"))
+    service.ingest(packets(VISIT, 3))
+    service.close_visit(VISIT)
+    service.ingest(packets(VISIT, 2, start=3))
+    got = drain(service, "f")
+    manifests = [formats.json_loads(d.body) for d in got if d.kind == "manifest"]
+    assert [(m["revision"], m["count"]) for m in manifests] == [(1, 3), (2, 5)]
+
+
+def test_cursor_survives_restart_and_ack_is_checked(
+    service: AlertService, store_url: str, tmp_path: Path
+) -> None:
+    from ldf.alerts.storage import AlertStore
+
+    service.create_feed(FeedSpec(name="f", broker="a"))
+    service.ingest(packets(VISIT, 6))
+    batch = service.fetch("f", max_entries=4)
+    service.ack("f", batch[1].position)
+    with pytest.raises(UserInputError, match="last entry"):
+        service.ack("f", 10_000)
+    again = AlertService(AlertStore.open(store_url), tmp_path / "alerts")
+    try:
+        rest = again.fetch("f")
+        assert [d.alert_id for d in rest] == [alert_id_for(VISIT, i) for i in range(2, 6)]
+        assert again.feed("f").delivered == 2
+        again.ack("f", batch[0].position)  # older than the cursor: nothing changes
+        assert again.feed("f").cursor == batch[1].position
+    finally:
+        again.close()
+
+
+def test_feed_options_are_checked(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="f", broker="a"))
+    with pytest.raises(StateError, match="exists"):
+        service.create_feed(FeedSpec(name="f", broker="a"))
+    with pytest.raises(UserInputError, match="not supported"):
+        service.create_feed(FeedSpec(name="g", broker="a", schema_version="3.0"))
+    with pytest.raises(ValueError, match="feed name"):
+        FeedSpec(name="bad name", broker="a")
+    with pytest.raises(UserInputError, match="outside the log"):
+        service.create_feed(FeedSpec(name="h", broker="a", start=99))
+
+
+def test_formats_no_cutouts_and_older_schema(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="nc", broker="a", format=FeedFormat.NO_CUTOUTS))
+    service.create_feed(FeedSpec(name="old", broker="a", schema_version="11.0"))
+    service.ingest(packets(VISIT, 2))
+    nc = drain(service, "nc")
+    record = AlertSchema.latest().deserialize(nc[0].body)
+    assert record["cutoutScience"] is None and record["diaSource"]["diaSourceId"] == nc[0].alert_id
+    assert len(nc[0].body) < len(packets(VISIT, 1)[0]) / 2
+    old = drain(service, "old")
+    assert old[0].schema_id == 1100
+    rec = AlertSchema.for_version(11, 0).deserialize(old[0].body)
+    assert rec["diaSourceId"] == old[0].alert_id and rec["cutoutScience"] is not None
+    assert "exposureTime" not in rec["diaSource"]
+
+
+def test_replay_by_visits_time_and_ids(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="live", broker="a"))
+    service.ingest(packets(VISIT, 4))
+    service.ingest(packets(VISIT + 1, 3))
+    service.close_visit(VISIT)
+    service.close_visit(VISIT + 1)
+    drain(service, "live")
+    # Into a new feed: the visit's alerts then its manifest, marked as a replay.
+    out = service.replay(ReplaySpec(feed="a-replay", visits=[VISIT + 1]), actor="a")
+    assert out["alerts"] == 3
+    got = drain(service, "a-replay")
+    assert [d.alert_id for d in got if d.kind == "alert"] == [
+        alert_id_for(VISIT + 1, i) for i in range(3)
+    ]
+    assert all(d.replay for d in got) and got[-1].kind == "manifest"
+    assert formats.json_loads(got[-1].body)["count"] == 3
+    # Into the live feed: only those, then new alerts continue.
+    service.replay(
+        ReplaySpec(
+            feed="live", alert_id_min=alert_id_for(VISIT, 1), alert_id_max=alert_id_for(VISIT, 2)
+        ),
+        actor="a",
+    )
+    service.ingest(packets(VISIT + 2, 1))
+    got = drain(service, "live")
+    assert [(d.alert_id, d.replay) for d in got if d.kind == "alert"] == [
+        (alert_id_for(VISIT, 1), True),
+        (alert_id_for(VISIT, 2), True),
+        (alert_id_for(VISIT + 2, 0), False),
+    ]
+    # A time range covering everything.
+    n = service.replay(ReplaySpec(feed="t", since_unix=0), actor="a")["alerts"]
+    assert n == 8
+    with pytest.raises(ValueError, match="exactly one"):
+        ReplaySpec(feed="x", visits=[1], since_unix=0)
+
+
+def test_two_feeds_are_independent(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="fast", broker="a"))
+    service.create_feed(FeedSpec(name="stalled", broker="b", lag_alarm_entries=5))
+    events = []
+    service.lag_listeners.append(lambda feed, lagging, st: events.append((feed, lagging)))
+    for v in range(3):
+        service.ingest(packets(VISIT + v, 4))
+        assert len(drain(service, "fast")) == 4
+    changes = service.check_lag()
+    assert [(name, lagging) for name, lagging, _ in changes] == [("stalled", True)]
+    assert events == [("stalled", True)]
+    assert service.check_lag() == []  # raised once per episode
+    st = {f["name"]: f for f in service.status()["feeds"]}
+    assert st["fast"]["lag_entries"] == 0 and st["stalled"]["lag_entries"] == 12
+    assert st["fast"]["delivered"] == 12 and st["stalled"]["lagging"]
+    assert len(drain(service, "stalled")) == 12
+    service.check_lag()
+    assert events[-1] == ("stalled", False)
+
+
+def test_archive_is_gzip_and_serves_reads(service: AlertService) -> None:
+    service.ingest(packets(VISIT, 5))
+    service.close_visit(VISIT)
+    assert service.archive_closed(older_than_s=0) == 5
+    path = service.archive.root / service.archive.name(VISIT)
+    assert gzip.decompress(path.read_bytes()) == b"".join(packets(VISIT, 5))
+    for seg in service.segments.segments():
+        service.segments.remove(seg)
+    assert service.get_alert(alert_id_for(VISIT, 4)) == packets(VISIT, 5)[4]
+    assert service.archive_closed(older_than_s=0) == 0
+
+
+def test_outbox_files_are_ingested_once(service: AlertService, tmp_path: Path) -> None:
+    sink = LocalAlertSink(tmp_path / "outbox")
+    sink.deliver(VISIT, "R22_S11", list(packets(VISIT, 3)))
+    sink.deliver(VISIT, "R22_S12", list(packets(VISIT, 2, start=3)))
+    r = service.ingest_outbox(tmp_path / "outbox")
+    assert (r.accepted, r.duplicates) == (5, 0)
+    assert not list((tmp_path / "outbox").rglob("*.alerts*"))
+    # A re-delivery (retried detector) is a duplicate.
+    sink.deliver(VISIT, "R22_S11", list(packets(VISIT, 3)))
+    assert service.ingest_outbox(tmp_path / "outbox").duplicates == 3
