@@ -54,7 +54,8 @@ def test_lookup_by_id_object_and_visit(service: AlertService) -> None:
     service.ingest(packets(VISIT, 4))
     service.ingest(packets(VISIT + 1, 2))
     info = service.alert_info(alert_id_for(VISIT, 2))
-    assert info["visit"] == VISIT and info["dia_object_id"] is not None
+    assert info["visit"] == VISIT
+    assert info["dia_object_id"] is not None
     assert service.store.alert_ids(dia_object_id=info["dia_object_id"]) == [alert_id_for(VISIT, 2)]
     assert service.store.alert_ids(visit=VISIT + 1) == [
         alert_id_for(VISIT + 1, 0),
@@ -79,8 +80,10 @@ def test_every_alert_once_per_feed_with_manifests(service: AlertService) -> None
         assert [d.kind for d in got][-1] == "manifest"
     assert [d.body for d in full if d.kind == "alert"] == list(packets(VISIT, 10))
     note = formats.json_loads(lite[0].body)
-    assert note["alertId"] == alert_id_for(VISIT, 0) and note["visit"] == VISIT
-    assert "url" in note and str(note["alertId"]) in note["url"]
+    assert note["alertId"] == alert_id_for(VISIT, 0)
+    assert note["visit"] == VISIT
+    assert "url" in note
+    assert str(note["alertId"]) in note["url"]
     # Nothing more, and closing again without changes adds no revision.
     assert service.close_visit(VISIT).revision == 1
     assert service.fetch("a-full") == []
@@ -136,12 +139,14 @@ def test_formats_no_cutouts_and_older_schema(service: AlertService) -> None:
     service.ingest(packets(VISIT, 2))
     nc = drain(service, "nc")
     record = AlertSchema.latest().deserialize(nc[0].body)
-    assert record["cutoutScience"] is None and record["diaSource"]["diaSourceId"] == nc[0].alert_id
+    assert record["cutoutScience"] is None
+    assert record["diaSource"]["diaSourceId"] == nc[0].alert_id
     assert len(nc[0].body) < len(packets(VISIT, 1)[0]) / 2
     old = drain(service, "old")
     assert old[0].schema_id == 1100
     rec = AlertSchema.for_version(11, 0).deserialize(old[0].body)
-    assert rec["diaSourceId"] == old[0].alert_id and rec["cutoutScience"] is not None
+    assert rec["diaSourceId"] == old[0].alert_id
+    assert rec["cutoutScience"] is not None
     assert "exposureTime" not in rec["diaSource"]
 
 
@@ -159,7 +164,8 @@ def test_replay_by_visits_time_and_ids(service: AlertService) -> None:
     assert [d.alert_id for d in got if d.kind == "alert"] == [
         alert_id_for(VISIT + 1, i) for i in range(3)
     ]
-    assert all(d.replay for d in got) and got[-1].kind == "manifest"
+    assert all(d.replay for d in got)
+    assert got[-1].kind == "manifest"
     assert formats.json_loads(got[-1].body)["count"] == 3
     # Into the live feed: only those, then new alerts continue.
     service.replay(
@@ -195,8 +201,10 @@ def test_two_feeds_are_independent(service: AlertService) -> None:
     assert events == [("stalled", True)]
     assert service.check_lag() == []  # raised once per episode
     st = {f["name"]: f for f in service.status()["feeds"]}
-    assert st["fast"]["lag_entries"] == 0 and st["stalled"]["lag_entries"] == 12
-    assert st["fast"]["delivered"] == 12 and st["stalled"]["lagging"]
+    assert st["fast"]["lag_entries"] == 0
+    assert st["stalled"]["lag_entries"] == 12
+    assert st["fast"]["delivered"] == 12
+    assert st["stalled"]["lagging"]
     assert len(drain(service, "stalled")) == 12
     service.check_lag()
     assert events[-1] == ("stalled", False)

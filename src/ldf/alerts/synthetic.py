@@ -42,9 +42,7 @@ def _cutouts(side: int, count: int = 8) -> tuple[bytes, ...]:
 
 
 def _record(schema: AlertSchema, name: str) -> dict[str, Any]:
-    return {
-        f.name: None if f.nullable else _DEFAULTS.get(f.kind) for f in schema.field_types(name)
-    }
+    return {f.name: None if f.nullable else _DEFAULTS.get(f.kind) for f in schema.field_types(name)}
 
 
 def make_alert(
@@ -112,9 +110,13 @@ def make_packets(
     return [
         schema.serialize(
             make_alert(
-                visit, i, detector=detector, n_previous=n_previous, cutout_side=cutout_side,
+                visit,
+                i,
+                detector=detector,
+                n_previous=n_previous,
+                cutout_side=cutout_side,
                 schema=schema,
             )
-        )  # fmt: skip
+        )
         for i in range(start, start + count)
     ]
