@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
+from ldf.alerts.auth import Credentials, Role
+from ldf.alerts.daemon import ServerThread
 from ldf.alerts.service import AlertService
 from ldf.alerts.storage import AlertStore
 from ldf.alerts.synthetic import make_packets
@@ -40,3 +43,27 @@ def service(store_url: str, tmp_path: Path) -> Iterator[AlertService]:
     svc = AlertService(AlertStore.open(store_url), tmp_path / "alerts")
     yield svc
     svc.close()
+
+
+@dataclass
+class Served:
+    """An alert service served over HTTP, with a producer, two brokers and an operator."""
+
+    service: AlertService
+    url: str
+    tokens: dict[str, str]
+    credentials: Credentials
+
+
+@pytest.fixture
+def served(service: AlertService, tmp_path: Path) -> Iterator[Served]:
+    """The service over HTTP (on each engine) with credentials for prompt, fink, lasair, ops."""
+    creds = Credentials(tmp_path / "secrets" / "creds.yaml")
+    tokens = {
+        "prompt": creds.add("prompt", Role.PRODUCER),
+        "fink": creds.add("fink", Role.BROKER),
+        "lasair": creds.add("lasair", Role.BROKER),
+        "ops": creds.add("ops", Role.OPERATOR),
+    }
+    with ServerThread(service, creds, background=False) as server:
+        yield Served(service, server.url, tokens, creds)
