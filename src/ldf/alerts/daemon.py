@@ -82,7 +82,11 @@ class ServerThread:
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            self._stop_loop = lambda: loop.call_soon_threadsafe(stop.set)
+
+            def stop_soon() -> None:
+                loop.call_soon_threadsafe(stop.set)
+
+            self._stop_loop = stop_soon
             async with serve_alerts(
                 self.service, self.credentials, host=self.host, port=self.port
             ) as url:

@@ -159,9 +159,9 @@ def feed_report(
     if readout_unix:
         visit_of = {a: v for v, ids in produced.items() for a in ids}
         for alert_id, t in arrivals.items():
-            visit = visit_of.get(alert_id)
-            if visit is not None and visit in readout_unix:
-                latencies.append(t - readout_unix[visit])
+            of = visit_of.get(alert_id)
+            if of is not None and of in readout_unix:
+                latencies.append(t - readout_unix[of])
     out: dict[str, Any] = {
         "delivered": len(arrivals),
         "duplicates": duplicates,
