@@ -555,7 +555,9 @@ class AlertService:
                 self.check_lag()
                 if time.monotonic() >= next_archive:
                     self.archive_closed()
-                    next_archive = time.monotonic() + max(5.0, self.policy.archive_delay_s / 4)
+                    next_archive = time.monotonic() + max(
+                        self.policy.lag_check_s, min(30.0, self.policy.archive_delay_s / 4)
+                    )
             except Exception:
                 _log.exception("alert service background work failed; retrying")
 
