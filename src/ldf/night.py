@@ -58,6 +58,7 @@ async def run_facility_night(
     on_status: Any = None,
 ) -> dict[str, Any]:
     """Run a simulated night through archivers, OODS and Backbone; return the summary."""
+    from ldf.alerts.nightly import NightAlerts
     from ldf.archiver.device import ArchiverDevice
     from ldf.archiver.service import Archiver
     from ldf.backbone.service import Backbone
@@ -85,6 +86,8 @@ async def run_facility_night(
     transfers.start()
     archivers: list[ArchiverDevice] = []
     prompt: PromptDevice | None = None
+    alerts: NightAlerts | None = None
+    alerts_summary: dict[str, Any] | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             obs = await stack.enter_async_context(Observatory.open(settings, options.instruments))
@@ -109,6 +112,10 @@ async def run_facility_night(
                 await prompt.open()
                 await prompt.execute("start")
                 await prompt.execute("enable")
+                alerts = NightAlerts(settings, service)
+                url = await alerts.start(obs.bus, settings.bus.heartbeat_interval_s)
+                if on_status:
+                    on_status(f"alert distribution: {url}/alerts/status")
             if http_port is not None:
                 devices = [*obs.devices.values(), *archivers, *([prompt] if prompt else [])]
                 url = await stack.enter_async_context(serve_health(devices, port=http_port))
@@ -144,6 +151,13 @@ async def run_facility_night(
                 if on_status:
                     on_status("prompt processing the last visits…")
                 await prompt.drain(timeout_s=600.0)
+                if alerts is not None:
+                    if on_status:
+                        on_status("delivering the last alerts to the brokers…")
+                    if not await asyncio.to_thread(alerts.drain) and on_status:
+                        on_status("alert distribution: still delivering after the drain timeout")
+                    alerts_summary = await alerts.stop()
+                    alerts = None
                 prompt_summary = await asyncio.to_thread(
                     summarize_prompt,
                     settings,
@@ -175,6 +189,7 @@ async def run_facility_night(
             "sim": sim.model_dump(mode="json"),
             "archive": archive,
             "prompt": prompt_summary,
+            "alerts": alerts_summary,
             "seeded": {k: v for k, v in seeded.items() if k != "detectors"},
             "backbone": {
                 "files": bb.store.file_counts(),
@@ -183,6 +198,9 @@ async def run_facility_night(
             },
         }
     finally:
+        if alerts is not None:
+            with contextlib.suppress(Exception):
+                await alerts.stop()
         if prompt is not None:
             with contextlib.suppress(Exception):
                 await prompt.close()
@@ -279,6 +297,10 @@ def night(
         from ldf.prompt.nightly import print_prompt_summary
 
         print_prompt_summary(summary["prompt"], console)
+    if summary.get("alerts"):
+        from ldf.alerts.nightly import print_alerts_summary
+
+        print_alerts_summary(summary["alerts"], console)
     reps: dict[str, int] = {}
     for r in summary["backbone"]["replicas"]:
         if r["state"] == "available":

@@ -162,6 +162,16 @@ def test_ldf_night_cli_json(tmp_path: Path) -> None:
     assert prompt["quality"]["seeing_rel_err_max"] < 0.05
     assert prompt["quality"]["pointing_err_arcsec_max"] < 0.3
     assert data["seeded"]["templates"] > 0
+    # Alert distribution delivered every alert exactly once to each broker feed.
+    alerts = data["alerts"]
+    assert alerts["visits_closed"] == 2
+    assert alerts["alerts"] == sum(v["alerts"] for v in science)
+    assert set(alerts["feeds"]) == {"validation-full", "alerce-full", "antares-lite"}
+    for feed in alerts["feeds"].values():
+        assert feed["delivered"] == alerts["alerts"]
+        assert feed["duplicates"] == feed["missing"] == 0
+        assert feed["manifests_verified"] == 2
+        assert feed["latency_s"]["p98"] < 60.0
 
 
 def test_sim_night_cli_bad_scale_one_line(tmp_path: Path) -> None:

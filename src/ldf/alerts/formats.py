@@ -234,12 +234,78 @@ def _fit(value: Any, target: Any, named: dict[str, Any]) -> Any:
     return value
 
 
-def convert(packet: bytes, *, cutouts: bool = True, schema_id: int | None = None) -> bytes:
+_FITS = b"SIMPLE  ="
+"""How every FITS file, hence every non-null cutout, begins."""
+
+
+def _bytes_field(packet: bytes, pos: int) -> int | None:
+    """End of an Avro ``["null", "bytes"]`` value starting at ``pos``, or None if it is not one."""
+    if pos >= len(packet):
+        return None
+    if packet[pos] == 0:
+        return pos + 1
+    if packet[pos] != 2:
+        return None
+    try:
+        length, after = _varint(packet, pos + 1)
+    except (IndexError, AlertPacketError):
+        return None
+    end = after + length
+    return end if length >= 0 and end <= len(packet) else None
+
+
+def _cutouts_start(packet: bytes) -> int | None:
+    """Where the three cutout fields (the alert record's last fields) begin, or None.
+
+    The cutouts are found without decoding the packet: a non-null cutout is a FITS file, so
+    for each ``SIMPLE  =`` the bytes before it are tried as the field's union branch and
+    length; the guess holds only if the remaining cutout fields then end exactly at the end
+    of the packet and the fields before the first non-null one are nulls. Decoding the
+    packet to drop its cutouts costs ~1.5 ms; this costs microseconds.
+    """
+    start = packet.find(_FITS)
+    while start != -1:
+        for width in range(1, 6):
+            s = start - width - 1
+            if s < 0 or packet[s] != 2:
+                continue
+            _length, after = _varint(packet, s + 1)
+            if after != start:
+                continue
+            pos: int | None = s
+            fields = 0
+            while pos is not None and pos < len(packet) and fields < 3:
+                pos = _bytes_field(packet, pos)
+                fields += 1
+            if pos == len(packet):
+                nulls = 3 - fields
+                first = s - nulls
+                if first >= 0 and packet[first:s] == b"\x00" * nulls:
+                    return first
+        start = packet.find(_FITS, start + 1)
+    if packet.endswith(b"\x00\x00\x00"):
+        return len(packet) - 3
+    return None
+
+
+def strip_cutouts(packet: bytes) -> bytes:
+    """A packet with its three cutouts null (same schema)."""
+    start = _cutouts_start(packet)
+    if start is None:
+        return convert(packet, cutouts=False, _slow=True)
+    return packet[:start] + b"\x00\x00\x00"
+
+
+def convert(
+    packet: bytes, *, cutouts: bool = True, schema_id: int | None = None, _slow: bool = False
+) -> bytes:
     """A packet without cutouts and/or in another supported schema; unchanged if neither."""
     _magic, source_id = WIRE_HEADER.unpack_from(packet)
     target_id = schema_id or source_id
     if cutouts and target_id == source_id:
         return packet
+    if not cutouts and target_id == source_id and not _slow:
+        return strip_cutouts(packet)
     _source, record = decode(packet)
     target = schema_for_id(target_id)
     if not cutouts:
