@@ -189,9 +189,15 @@ def run(alerts: int, batch: int, producers: int, telemetry: bool) -> dict[str, A
         try:
             url = _wait_file(base / "url", server)
             for name, fmt in {**HEALTHY, **STALLED}.items():
+                # The stalled feed's alarm: half the visit unread, or 5 s behind.
                 with AlertClient(url, tokens[name]) as c:
-                    c.create_feed(name=f"{name}-{fmt}", broker=name, format=fmt,
-                                  lag_alarm_s=5.0)  # fmt: skip
+                    c.create_feed(
+                        name=f"{name}-{fmt}",
+                        broker=name,
+                        format=fmt,
+                        lag_alarm_s=5.0,
+                        lag_alarm_entries=max(1, alerts // 2),
+                    )
             outs = {name: base / f"{name}.json" for name in HEALTHY}
             for name, fmt in HEALTHY.items():
                 procs.append(_spawn("--role", "consumer", url, tokens[name], f"{name}-{fmt}",
