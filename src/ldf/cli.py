@@ -44,6 +44,7 @@ app.add_typer(config_app, name="config")
 def _register_subapps() -> None:
     # Sub-app modules import only typer and rich at module level; heavy imports (numpy,
     # astropy, nats) happen inside commands, so `ldf --help` stays fast.
+    from ldf.alerts.cli import app as alerts_app
     from ldf.archiver.cli import app as archiver_app
     from ldf.backbone.cli import app as backbone_app
     from ldf.bench import app as bench_app
@@ -64,6 +65,7 @@ def _register_subapps() -> None:
     app.add_typer(templates_app, name="templates")
     app.add_typer(calibs_app, name="calibs")
     app.add_typer(refcat_app, name="refcat")
+    app.add_typer(alerts_app, name="alerts")
     from ldf.serve import app as serve_app
 
     app.add_typer(serve_app, name="serve")

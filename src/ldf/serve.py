@@ -185,3 +185,33 @@ def serve_prompt(
             await bus.close()
 
     asyncio.run(main())
+
+
+@app.command("alerts")
+def serve_alerts(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option("--host", help="Listen address (policy).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (policy; 0: any).")] = None,
+) -> None:
+    """Run alert distribution (HTTP API, lag checks, archiving) until a signal."""
+    import asyncio
+
+    from ldf.alerts.auth import Credentials
+    from ldf.alerts.daemon import credentials_path, run
+    from ldf.alerts.service import AlertService
+
+    settings = settings_from(ctx)
+    policy = settings.policies.alerts
+    service = AlertService.open(settings)
+    creds = Credentials(credentials_path(settings))
+    err_console.print(f"credentials: {creds.path} (ldf alerts credentials add NAME --role ROLE)")
+    try:
+        asyncio.run(
+            run(
+                service, creds, host=host or policy.host,
+                port=policy.port if port is None else port,
+                on_start=lambda url: err_console.print(f"alert distribution at {url}"),
+            )
+        )  # fmt: skip
+    finally:
+        service.close()
