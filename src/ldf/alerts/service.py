@@ -83,6 +83,7 @@ class AlertService:
         self._changed = threading.Condition()
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self._lagging: set[str] = set()
+        self._last_fetch: dict[str, float] = {}
         self.lag_listeners: list[LagListener] = []
 
     @classmethod
@@ -267,7 +268,8 @@ class AlertService:
             self.store.count_error(name, {"error": str(exc)}, actor="service")
             raise
         if out:
-            self.store.touch_fetch(name)
+            # In memory: a database write per fetch would compete with ingest for the lock.
+            self._last_fetch[name] = time.time()
         return out
 
     def _deliveries(self, feed: Feed, rows: list[LogRow]) -> list[Delivery]:
@@ -374,9 +376,7 @@ class AlertService:
             )
         if position <= feed.cursor:
             return feed
-        count = self.store.feed_backlog(name, feed.live, feed.cursor) - self.store.feed_backlog(
-            name, feed.live, position
-        )
+        count = self.store.count_between(name, feed.live, feed.cursor, position)
         self.store.ack(name, position, count)
         now = time.time()
         rate = self._rates.setdefault(name, collections.deque(maxlen=4096))
@@ -506,7 +506,7 @@ class AlertService:
             delivered=feed.delivered,
             rate_per_s=round(rate, 1),
             last_ack_unix=feed.last_ack_unix,
-            last_fetch_unix=feed.last_fetch_unix,
+            last_fetch_unix=self._last_fetch.get(feed.name, feed.last_fetch_unix),
             errors=feed.errors,
             lagging=lagging,
         )

@@ -371,6 +371,18 @@ class AlertStore(SqlStore):
         with self._reader() as s:
             return int(s.scalar(select(func.count()).select_from(sub)) or 0)
 
+    def count_between(self, feed: str, live: bool, after: int, upto: int) -> int:
+        """Entries presented to a feed in positions (after, upto]."""
+        with self._reader() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(SQLLog)
+                    .where(SQLLog.position > after, SQLLog.position <= upto, _relevant(feed, live))
+                )
+                or 0
+            )
+
     def first_after(self, feed: str, live: bool, after: int) -> tuple[int, float] | None:
         """(position, created) of the first entry presented to a feed after a position."""
         with self._reader() as s:
@@ -583,13 +595,6 @@ class AlertStore(SqlStore):
                 row.delivered += delivered
                 row.last_ack_unix = now
             return old, row.cursor
-
-    def touch_fetch(self, name: str) -> None:
-        """Record that a feed was read now."""
-        with self._session() as s, s.begin():
-            s.execute(
-                update(SQLFeed).where(SQLFeed.name == name).values(last_fetch_unix=time.time())
-            )
 
     def count_error(self, name: str, detail: dict[str, Any], actor: str) -> None:
         """Count an error on a feed and audit it."""
