@@ -54,6 +54,7 @@ def _register_subapps() -> None:
     from ldf.prompt.cli import app as prompt_app
     from ldf.prompt.cli import calibs_app, refcat_app, templates_app
     from ldf.sim.cli import app as sim_app
+    from ldf.telemetry.cli import app as telemetry_app
 
     app.command("night")(night_cmd)
     app.add_typer(sim_app, name="sim")
@@ -66,6 +67,7 @@ def _register_subapps() -> None:
     app.add_typer(calibs_app, name="calibs")
     app.add_typer(refcat_app, name="refcat")
     app.add_typer(alerts_app, name="alerts")
+    app.add_typer(telemetry_app, name="telemetry")
     from ldf.serve import app as serve_app
 
     app.add_typer(serve_app, name="serve")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from typing import Annotated, Any
 
 import typer
@@ -69,6 +70,9 @@ async def run_facility_night(
     from ldf.sim.daq import DaqStore
     from ldf.sim.devices import Observatory
     from ldf.sim.night import run_night
+    from ldf.telemetry.client import TelemetryClient
+    from ldf.telemetry.daemon import serve_gateway
+    from ldf.telemetry.service import TelemetryGateway
 
     do_prompt = "LSSTCam" in options.instruments and options.visits > 0
     seeded: dict[str, Any] = {}
@@ -87,6 +91,8 @@ async def run_facility_night(
     archivers: list[ArchiverDevice] = []
     prompt: PromptDevice | None = None
     alerts: NightAlerts | None = None
+    gateway: TelemetryGateway | None = None
+    telemetry_summary: dict[str, Any] | None = None
     alerts_summary: dict[str, Any] | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -109,6 +115,19 @@ async def run_facility_night(
                 prompt = PromptDevice(
                     service, obs.bus, heartbeat_interval_s=settings.bus.heartbeat_interval_s
                 )
+                # QA goes to the observatory through the Telemetry Gateway (LDM-230 2.7).
+                gateway = TelemetryGateway.open(settings)
+                stack.callback(gateway.close)
+                served = await stack.enter_async_context(
+                    serve_gateway(
+                        gateway, obs.bus, heartbeat_interval_s=settings.bus.heartbeat_interval_s
+                    )
+                )
+                telemetry = TelemetryClient(served.url, _gateway_token(gateway))
+                stack.callback(telemetry.close)
+                service.publish_telemetry = telemetry
+                if on_status:
+                    on_status(f"telemetry gateway: {served.url}")
                 await prompt.open()
                 await prompt.execute("start")
                 await prompt.execute("enable")
@@ -151,6 +170,8 @@ async def run_facility_night(
                 if on_status:
                     on_status("prompt processing the last visits…")
                 await prompt.drain(timeout_s=600.0)
+                if gateway is not None:
+                    telemetry_summary = await _gateway_drained(gateway)
                 if alerts is not None:
                     if on_status:
                         on_status("delivering the last alerts to the brokers…")
@@ -190,6 +211,7 @@ async def run_facility_night(
             "archive": archive,
             "prompt": prompt_summary,
             "alerts": alerts_summary,
+            "telemetry": telemetry_summary,
             "seeded": {k: v for k, v in seeded.items() if k != "detectors"},
             "backbone": {
                 "files": bb.store.file_counts(),
@@ -212,6 +234,30 @@ async def run_facility_night(
         stop_transfers.set()
         transfers.join()
         bb.close()
+
+
+async def _gateway_drained(gateway: Any, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The gateway's status once everything it accepted is on the bus (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await asyncio.to_thread(gateway.status)
+        if status.backlog == 0 or time.monotonic() > deadline:
+            return dict(status.model_dump(mode="json"))
+        await asyncio.sleep(0.1)
+
+
+def _gateway_token(gateway: Any) -> str:
+    """A fresh token for Prompt Processing's producer of the gateway (only hashes are kept)."""
+    from ldf.errors import NotFoundError
+
+    name = "prompt-lsstcam"
+    try:
+        gateway.producers.get(name)
+    except NotFoundError:
+        return str(
+            gateway.producers.add(name, device="MTPrompt", topics=["imageQuality", "calibrationQA"])
+        )
+    return str(gateway.producers.rotate(name))
 
 
 def _wait_transfers(bb: Any, timeout_s: float = 600.0) -> None:
@@ -301,6 +347,13 @@ def night(
         from ldf.alerts.nightly import print_alerts_summary
 
         print_alerts_summary(summary["alerts"], console)
+    if summary.get("telemetry"):
+        for p in summary["telemetry"]["producers"]:
+            console.print(
+                f"[bold]Telemetry gateway[/]: {p['producer']} → {p['device']}: accepted "
+                f"{p['accepted']}, rejected {p['rejected']}, injected into the OCS bus "
+                f"{p['injected']}, backlog {p['backlog']}"
+            )
     reps: dict[str, int] = {}
     for r in summary["backbone"]["replicas"]:
         if r["state"] == "available":

@@ -187,6 +187,36 @@ def serve_prompt(
     asyncio.run(main())
 
 
+@app.command("telemetry")
+def serve_telemetry(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option("--host", help="Listen address (policy).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (policy; 0: any).")] = None,
+    enable: Annotated[
+        bool, typer.Option("--enable/--standby", help="Go to ENABLED at once, or wait in STANDBY.")
+    ] = True,
+) -> None:
+    """Run the Telemetry Gateway (HTTP API + OCS device) until exitControl or a signal."""
+    import asyncio
+
+    from ldf.telemetry.daemon import run
+
+    settings = settings_from(ctx)
+    policy = settings.policies.telemetry
+    asyncio.run(
+        run(
+            settings,
+            host=host or policy.host,
+            port=policy.port if port is None else port,
+            enable=enable,
+            on_start=lambda s: err_console.print(
+                f"{s.device.name} at {s.url} is {s.device.state.name}; "
+                "Ctrl-C or exitControl to stop"
+            ),
+        )
+    )
+
+
 @app.command("alerts")
 def serve_alerts(
     ctx: typer.Context,

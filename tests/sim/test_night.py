@@ -172,6 +172,11 @@ def test_ldf_night_cli_json(tmp_path: Path) -> None:
         assert feed["duplicates"] == feed["missing"] == 0
         assert feed["manifests_verified"] == 2
         assert feed["latency_s"]["p98"] < 60.0
+    # Image-quality and calibration QA reached the OCS bus through the Telemetry Gateway.
+    (producer,) = data["telemetry"]["producers"]
+    assert producer["device"] == "MTPrompt"
+    assert producer["rejected"] == 0
+    assert producer["injected"] == producer["accepted"] == len(prompt["visits"])
 
 
 def test_sim_night_cli_bad_scale_one_line(tmp_path: Path) -> None:

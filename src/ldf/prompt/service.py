@@ -91,6 +91,8 @@ class PromptService:
         self.detectors: list[str] | None = None
         """The detectors the camera reads out (None: the configured set)."""
         self.publish_telemetry: TelemetryPublisher | None = None
+        self.telemetry_rejected = 0
+        """QA messages the telemetry interface refused for good (dropped, logged)."""
         self._pool: WarmPool | None = None
         self._qa_queue: Any = None
         self._qa_thread: threading.Thread | None = None
@@ -486,6 +488,13 @@ class PromptService:
                 }
                 try:
                     ok = publish(msg["name"], payload)
+                except UserInputError as exc:
+                    # Refused for good (a 4xx from the gateway, which audits it): keeping it
+                    # would hold every later message behind it.
+                    _log.error("telemetry %s of %s/%s refused, dropped: %s", msg["name"],
+                               msg["exposure_id"], msg["detector"], exc)  # fmt: skip
+                    self.telemetry_rejected += 1
+                    ok = True
                 except Exception as exc:
                     _log.warning("telemetry unavailable, QA kept: %s", exc)
                     ok = False
