@@ -89,3 +89,19 @@ def test_smoke_passes() -> None:
         assert feed["delivered"] == 60
         assert feed["duplicates"] == feed["missing"] == 0
         assert feed["manifests_verified"] == 2
+
+
+@pytest.mark.usefixtures("_isolated_home")
+def test_filters_commands() -> None:
+    code, _, err = invoke("alerts", "filters", "check", "snr > 10 and bnad in ('g')")
+    assert code == 2
+    assert "did you mean 'band'" in err
+    code, out, _ = invoke("alerts", "filters", "add", "jdoe", "bright", "snr > 10", "--json")
+    assert code == 0, out
+    assert json.loads(out)["feed"] == "user-jdoe-bright"
+    code, out, _ = invoke("alerts", "filters", "list", "--json")
+    assert [f["name"] for f in json.loads(out)] == ["bright"]
+    code, _, _ = invoke("alerts", "filters", "delete", "jdoe", "bright")
+    assert code == 0
+    code, out, _ = invoke("alerts", "filters", "list", "--json")
+    assert all(not f["active"] for f in json.loads(out))

@@ -319,3 +319,82 @@ def smoke(
                       + f" in {report['total_s']} s")  # fmt: skip
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+filters_app = typer.Typer(help="The mini-broker: users' filters and their streams.",
+                          no_args_is_help=True)  # fmt: skip
+app.add_typer(filters_app, name="filters")
+
+
+@contextmanager
+def _broker(ctx: typer.Context) -> Iterator[object]:
+    from ldf.alerts.minibroker import MiniBroker
+
+    with _service(ctx) as svc:
+        broker = MiniBroker(svc)  # type: ignore[arg-type]
+        try:
+            yield broker
+        finally:
+            broker.close()
+
+
+@filters_app.command("add")
+def filters_add(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The user (a principal with role user).")],
+    name: Annotated[str, typer.Argument(help="The filter's name.")],
+    expression: Annotated[str, typer.Argument(help="e.g. \"snr > 10 and band in ('g','r')\"")],
+    as_json: Json = False,
+) -> None:
+    """Register a filter; its matches go to the feed user-<user>-<name>."""
+    from ldf.alerts.minibroker import MiniBroker
+
+    with _broker(ctx) as broker:
+        assert isinstance(broker, MiniBroker)
+        flt = broker.register(user, name, expression)
+    if as_json:
+        print_json(flt.model_dump(mode="json"))
+    else:
+        console.print(f"filter {flt.name} of {flt.user} → feed {flt.feed}")
+
+
+@filters_app.command("list")
+def filters_list(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option(help="One user's only.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Registered filters."""
+    from ldf.alerts.minibroker import MiniBroker
+
+    with _broker(ctx) as broker:
+        assert isinstance(broker, MiniBroker)
+        flts = broker.filters(user)
+    if as_json:
+        print_json([f.model_dump(mode="json") for f in flts])
+        return
+    for f in flts:
+        state = "" if f.active else " (inactive)"
+        console.print(f"{f.user}/{f.name}{state}\t{f.feed}\t{f.expression}")
+
+
+@filters_app.command("delete")
+def filters_delete(ctx: typer.Context, user: str, name: str) -> None:
+    """Stop a filter and remove its feed."""
+    from ldf.alerts.minibroker import MiniBroker
+
+    with _broker(ctx) as broker:
+        assert isinstance(broker, MiniBroker)
+        broker.delete(user, name)
+    console.print(f"filter {user}/{name} deleted")
+
+
+@filters_app.command("check")
+def filters_check(
+    expression: Annotated[str, typer.Argument(help="A filter expression to validate.")],
+) -> None:
+    """Validate an expression (an error points at the offending token)."""
+    from ldf.alerts.minibroker import MiniBroker
+
+    MiniBroker.validate(expression)
+    console.print("ok")

@@ -46,6 +46,21 @@ async def serve_alerts(
         yield url
 
 
+def _start_background(service: AlertService, stop: threading.Event) -> list[threading.Thread]:
+    """Lag checks and archiving, and the mini-broker's matcher, in threads until ``stop``."""
+    from ldf.alerts.minibroker import MiniBroker
+
+    threads = [
+        threading.Thread(target=service.run_background, args=(stop,), name="alerts-bg",
+                         daemon=True),
+        threading.Thread(target=MiniBroker(service).run, args=(stop,), name="alerts-matcher",
+                         daemon=True),
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    return threads
+
+
 class ServerThread:
     """The API and the background work in threads of their own, as a context manager.
 
@@ -110,12 +125,7 @@ class ServerThread:
         if not self.url:
             raise TransportError("alert distribution did not start within 30 s")
         if self.background:
-            bg = threading.Thread(
-                target=self.service.run_background, args=(self._stop_bg,), name="alerts-bg",
-                daemon=True,
-            )  # fmt: skip
-            bg.start()
-            self._threads.append(bg)
+            self._threads += _start_background(self.service, self._stop_bg)
         return self
 
     def __exit__(
@@ -146,13 +156,13 @@ async def run(
     )  # fmt: skip
     server = uvicorn.Server(config)
     stop = threading.Event()
-    bg = threading.Thread(target=service.run_background, args=(stop,), daemon=True)
-    bg.start()
+    threads = _start_background(service, stop)
     if on_start is not None:
         on_start(f"http://{host}:{sock.getsockname()[1]}")
     try:
         await server.serve(sockets=[sock])
     finally:
         stop.set()
-        bg.join(10.0)
+        for t in threads:
+            t.join(10.0)
         sock.close()

@@ -113,6 +113,9 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
     app = FastAPI(title="ldf alert distribution", summary="Feeds to brokers (LDM-230 4.3)")
     app.state.credentials = credentials
     policy = service.policy
+    from ldf.alerts.minibroker import MiniBroker, router  # imports this module's Who
+
+    app.include_router(router(MiniBroker(service)))
 
     @app.exception_handler(LdfError)
     async def _ldf_error(_request: Request, exc: LdfError) -> JSONResponse:

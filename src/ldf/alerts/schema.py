@@ -1,10 +1,12 @@
-"""SQLAlchemy tables of alert distribution (never used outside storage.py).
+"""SQLAlchemy tables of alert distribution (used only by the stores: storage.py, filters.py).
 
 ``alerts_alert`` indexes every alert once (where its bytes are, what brokers filter on);
 ``alerts_log`` is the append-only log feeds read: one row per alert as produced, per manifest,
 and per copy addressed to one feed (replays, mini-broker matches); ``alerts_manifest`` the
 latest manifest of each visit; ``alerts_feed`` the feeds and their cursors; ``alerts_audit``
-the audit trail (feeds created, replays, lag alarms, errors).
+the audit trail (feeds created, replays, lag alarms, errors). The mini-broker's:
+``alerts_filter`` users' filters, ``alerts_filter_visit`` what each filter got of each visit,
+``alerts_matcher`` the matcher's cursor.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ldf.db import JsonType
 
-__all__ = ["Base", "SQLAlert", "SQLAudit", "SQLFeed", "SQLLog", "SQLManifest"]
+__all__ = [
+    "Base",
+    "SQLAlert",
+    "SQLAudit",
+    "SQLFeed",
+    "SQLFilter",
+    "SQLFilterVisit",
+    "SQLLog",
+    "SQLManifest",
+    "SQLMatcher",
+]
 
 Id = BigInteger().with_variant(Integer(), "sqlite")
 """Autoincrementing 64-bit key (SQLite's INTEGER PRIMARY KEY is its rowid, 64-bit)."""
@@ -126,3 +138,58 @@ class SQLAudit(Base):
     actor: Mapped[str] = mapped_column(String(64))
     event: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+
+
+# -- the mini-broker (ldf.alerts.minibroker) --------------------------------------------------
+
+
+class SQLFilter(Base):
+    """A mini-broker user's filter (deleted ones stay, inactive, for the audit)."""
+
+    __tablename__ = "alerts_filter"
+    __table_args__ = (Index("ix_alerts_filter_user", "user_name", "name"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(32))
+    expression: Mapped[str] = mapped_column(Text)
+    feed: Mapped[str] = mapped_column(String(64))
+    """The non-live feed its matches are addressed to."""
+    created_unix: Mapped[float] = mapped_column(Float)
+    since_position: Mapped[int] = mapped_column(BigInteger)
+    """The log's head when it was registered: it matches entries after this position."""
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    deleted_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SQLFilterVisit(Base):
+    """What one filter's feed got of one visit (the per-user, per-visit limit counts these)."""
+
+    __tablename__ = "alerts_filter_visit"
+    __table_args__ = (Index("ix_alerts_filter_visit_user", "user_name", "visit"),)
+
+    filter_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    visit: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_name: Mapped[str] = mapped_column(String(64))
+    matched: Mapped[int] = mapped_column(Integer)
+    full: Mapped[int] = mapped_column(Integer)
+    """Matches delivered as full alerts (the rest as notifications)."""
+    first_position: Mapped[int] = mapped_column(BigInteger)
+    """No copy of the visit to this filter's feed is before this position (a visit's manifest
+    reads the feed's alertIds from there on)."""
+
+
+class SQLMatcher(Base):
+    """The mini-broker matcher's durable cursor over the log's public entries."""
+
+    __tablename__ = "alerts_matcher"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cursor: Mapped[int] = mapped_column(BigInteger)
+    updated_unix: Mapped[float] = mapped_column(Float)
+    alerts: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Alerts matched so far (each decoded once)."""
+    copies: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Copies appended to users' feeds so far."""
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Alerts skipped because they did not decode."""
