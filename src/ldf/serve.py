@@ -235,6 +235,15 @@ def serve_alerts(
     service = AlertService.open(settings)
     creds = Credentials(credentials_path(settings))
     err_console.print(f"credentials: {creds.path} (ldf alerts credentials add NAME --role ROLE)")
+    publisher = None
+    if policy.nats_url:
+        from ldf.alerts.nats import NatsPublisher, PublisherThread
+
+        publisher = PublisherThread(
+            NatsPublisher(service, policy.nats_url, user=policy.nats_user,
+                          password=policy.nats_password)
+        ).__enter__()  # fmt: skip
+        err_console.print(f"feeds with transport nats are published to {policy.nats_url}")
     try:
         asyncio.run(
             run(
@@ -244,4 +253,6 @@ def serve_alerts(
             )
         )  # fmt: skip
     finally:
+        if publisher is not None:
+            publisher.__exit__(None, None, None)
         service.close()

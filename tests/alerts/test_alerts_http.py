@@ -12,7 +12,7 @@ import pytest
 from ldf.alerts import formats
 from ldf.alerts.client import AlertClient, HttpFeedSource
 from ldf.alerts.synthetic import alert_id_for
-from ldf.errors import NotFoundError, UserInputError
+from ldf.errors import NotFoundError, StateError, UserInputError
 from tests.alerts.conftest import VISIT, Served, packets
 
 
@@ -144,3 +144,12 @@ def test_status_json_and_public_page(served: Served) -> None:
     page = httpx.get(f"{served.url}/alerts/status")
     assert page.status_code == 200
     assert "fink-full" in page.text
+
+
+def test_nats_feeds_are_not_read_over_http(served: Served) -> None:
+    with client(served, "fink") as fink:
+        fink.create_feed(name="fink-nats", broker="fink", transport="nats")
+        with pytest.raises(StateError, match="delivered over nats"):
+            fink.entries("fink-nats", after=None)
+        with pytest.raises(StateError, match="delivered over nats"):
+            fink.ack("fink-nats", 0)

@@ -270,6 +270,7 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
         wait: Annotated[float, Query(ge=0)] = 0.0,
     ) -> Response:
         feed = await run_in_threadpool(own_feed, who, name)
+        _http_feed(feed)
         start = feed.cursor if after is None else after
         batch = await run_in_threadpool(
             service.fetch, name, after=start, max_entries=max, max_bytes=max_bytes
@@ -287,7 +288,7 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
 
     @app.post(f"{PREFIX}/feeds/{{name}}/ack")
     def ack(name: str, body: dict[str, int], who: Who) -> dict[str, Any]:
-        own_feed(who, name)
+        _http_feed(own_feed(who, name))
         if set(body) != {"position"}:
             raise UserInputError('ack body must be {"position": <int>}')
         feed = service.ack(name, int(body["position"]))
@@ -317,6 +318,15 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
         return service.store.audit_trail(feed, limit)
 
     return app
+
+
+def _http_feed(feed: Feed) -> None:
+    """Refuse HTTP reads and acks of a NATS feed: its cursor means "safely in JetStream"."""
+    if feed.transport != "http":
+        raise StateError(
+            f"feed {feed.name!r} is delivered over {feed.transport}: read it there "
+            "(ldf.alerts.nats.NatsFeedSource)"
+        )
 
 
 def _plain_schema(parsed: Any) -> Any:

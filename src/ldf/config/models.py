@@ -375,6 +375,13 @@ class AlertsPolicy(_Policy):
     hot_retention_days: float = Field(
         default=7.0, gt=0, description="Hot segments are kept this long after archiving."
     )
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS JetStream server for feeds with transport 'nats' (None: such feeds "
+        "are not published), e.g. nats://127.0.0.1:4222.",
+    )
+    nats_user: str | None = Field(default=None, description="The publisher's NATS user.")
+    nats_password: str | None = Field(default=None, description="The publisher's NATS password.")
     fetch_url: str = Field(
         default="/alerts/v1/alerts/{alert_id}",
         description="Where a notification says the full packet is ({alert_id} filled in).",
