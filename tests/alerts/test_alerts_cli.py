@@ -105,3 +105,22 @@ def test_filters_commands() -> None:
     assert code == 0
     code, out, _ = invoke("alerts", "filters", "list", "--json")
     assert all(not f["active"] for f in json.loads(out))
+
+
+def test_nats_config_is_a_valid_server_config(tmp_path: Path) -> None:
+    import shutil
+    import stat
+    import subprocess
+
+    out = tmp_path / "auth.conf"
+    code, stdout, _ = invoke("alerts", "nats-config", "-o", str(out), "-b", "fink", "-b",
+                             "lasair", "--json")  # fmt: skip
+    assert code == 0, stdout
+    result = json.loads(stdout)
+    assert set(result["brokers"]) == {"fink", "lasair"}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert result["brokers"]["fink"] in out.read_text()
+    server = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if Path(server).exists():
+        check = subprocess.run([server, "-c", str(out), "-t"], capture_output=True, text=True)
+        assert "is valid" in check.stdout + check.stderr

@@ -398,3 +398,37 @@ def filters_check(
 
     MiniBroker.validate(expression)
     console.print("ok")
+
+
+@app.command("nats-config")
+def nats_config(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the server config.")],
+    brokers: Annotated[list[str], typer.Option("--broker", "-b", help="A broker (repeat).")],
+    publisher: Annotated[str, typer.Option(help="The service's publisher user.")] = "ldf-alerts",
+    as_json: Json = False,
+) -> None:
+    """Write the NATS server's authorization block for the brokers' feeds (mode 0600) with a
+    new password each; the passwords are printed once."""
+    import os
+
+    from ldf.alerts.nats import nats_authorization, new_password
+
+    if not brokers:
+        raise UserInputError("name at least one --broker")
+    passwords = {b: new_password() for b in brokers}
+    pub_password = new_password()
+    text = nats_authorization(passwords, publisher=(publisher, pub_password))
+    tmp = out.with_name(f".{out.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(out)
+    result = {"config": str(out), "publisher": {"user": publisher, "password": pub_password},
+              "brokers": passwords}  # fmt: skip
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"wrote {out}; include it in the nats-server configuration")
+        console.print(f"publisher {publisher}: {pub_password} (policies.alerts.nats_user/password)")
+        for b, pw in passwords.items():
+            console.print(f"broker {b}: {pw}")
