@@ -104,6 +104,10 @@ MATCHER = "minibroker"
 """Name of the matcher's cursor row."""
 
 
+IDLE_COMMIT_S = 5.0
+"""With no active filter, how often the matcher's cursor is moved to the log's head."""
+
+
 @dataclass(slots=True)
 class MatchReport:
     """What one pass of the matcher did."""
@@ -170,6 +174,7 @@ class MiniBroker:
         self.workers = workers
         self.name = name
         self._executor: ProcessPoolExecutor | None = None
+        self._idle_commit = -IDLE_COMMIT_S
 
     # -- filters --------------------------------------------------------------------------
 
@@ -308,10 +313,24 @@ class MiniBroker:
             An alert's bytes could not be read (nothing is written; the next pass retries).
         """
         expected = self.store.matcher_cursor(self.name)
+        # The head is read before the filters: a filter registered after this read matches
+        # only entries after its own (later) head, so moving the cursor here skips nothing.
+        head = self.service.head()
+        filters = self.store.filters()
+        if not filters:
+            # Nothing to match: move the cursor to the head now and then (a filter only
+            # matches what comes after it is registered), not a write per batch, which
+            # would compete with ingest for the log's lock.
+            now = time.monotonic()
+            if now - self._idle_commit < IDLE_COMMIT_S:
+                return MatchReport(cursor=expected)
+            self._idle_commit = now
+            if head > expected:
+                self.store.commit_batch(self.name, expected, head, MatchBatch())
+            return MatchReport(cursor=max(head, expected))
         rows = self.store.public_entries(expected, max_entries or self.batch_entries)
         if not rows:
             return MatchReport(cursor=expected)
-        filters = self.store.filters()
         texts = tuple(sorted({f.expression for f in filters}))
         alerts = [r for r in rows if r["kind"] == EntryKind.ALERT.value]
         batch = MatchBatch(alerts=len(alerts))
