@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy import Table, and_, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -112,9 +112,11 @@ class AlertStore(SqlStore):
         now = time.time()
         with self._session() as s, s.begin():
             self._lock_log(s)
+            # Core inserts on the tables: the ORM's bulk path costs as much as the database.
+            log = cast(Table, SQLLog.__table__)
             positions = list(
                 s.scalars(
-                    insert(SQLLog).returning(SQLLog.position, sort_by_parameter_order=True),
+                    insert(log).returning(log.c.position, sort_by_parameter_order=True),
                     [
                         {
                             "kind": EntryKind.ALERT.value,
@@ -132,7 +134,7 @@ class AlertStore(SqlStore):
             )
             try:
                 s.execute(
-                    insert(SQLAlert),
+                    insert(cast(Table, SQLAlert.__table__)),
                     [
                         {
                             "alert_id": m.alert_id,
