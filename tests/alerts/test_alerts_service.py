@@ -232,3 +232,16 @@ def test_outbox_files_are_ingested_once(service: AlertService, tmp_path: Path) -
     # A re-delivery (retried detector) is a duplicate.
     sink.deliver(VISIT, "R22_S11", list(packets(VISIT, 3)))
     assert service.ingest_outbox(tmp_path / "outbox").duplicates == 3
+
+
+async def test_wait_ignores_entries_for_other_feeds(service: AlertService) -> None:
+    service.create_feed(FeedSpec(name="a", broker="a"))
+    service.ingest(packets(VISIT, 3))
+    last = drain(service, "a")[-1].position
+    # A replay into another feed appends entries that feed "a" is never presented.
+    service.replay(ReplaySpec(feed="b", broker="b", visits=[VISIT]), actor="operator")
+    assert service.head() > last
+    assert await service.wait("a", last, 0.3) is False
+    assert await service.wait("b", 0, 0.3) is True
+    service.ingest(packets(VISIT, 1, start=3))
+    assert await service.wait("a", last, 0.3) is True

@@ -130,7 +130,7 @@ class AlertService:
                 locations = self.segments.append(new_packets)
                 positions = self.store.add_alerts(new_metas, locations, producer)
         # A visit that was closed and gets late alerts gets a new manifest revision.
-        late = {m.visit for m in new_metas} & self.store.manifested_visits() if new_metas else set()
+        late = self.store.manifested_visits({m.visit for m in new_metas}) if new_metas else set()
         for visit in sorted(late):
             self.close_visit(visit)
         self._notify()
@@ -256,8 +256,9 @@ class AlertService:
         rows = self.store.read_log(name, feed.live, start, limit)
         # Cut the batch at the byte budget (lengths are known before reading).
         size, keep = 0, 0
+        small = feed.format is FeedFormat.NOTIFICATION
         for row in rows:
-            size += row["length"] or 512
+            size += 512 if small or row["entry_format"] == "notification" else row["length"] or 512
             if keep and size > budget:
                 break
             keep += 1
@@ -348,11 +349,14 @@ class AlertService:
         """Wait up to ``timeout_s`` for an entry after ``after`` that the feed is presented."""
         feed = self.store.feed(name)
         deadline = time.monotonic() + max(0.0, min(timeout_s, self.policy.max_wait_s))
+        checked = after
         while True:
-            if self.head(max_age_s=0.05) > after and (
-                feed.live or self.store.feed_head(name, False) > after
-            ):
-                return True
+            head = self.head(max_age_s=0.05)
+            if head > checked:
+                # Something was appended; it may be addressed to other feeds only.
+                if self.store.first_after(name, feed.live, after) is not None:
+                    return True
+                checked = head
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -419,9 +423,8 @@ class AlertService:
         for i in range(0, len(ids), 5000):
             sent += self.store.add_copies(feed.name, ids[i : i + 5000], replay=True)
         by_visit: dict[int, list[int]] = collections.defaultdict(list)
-        for chunk_start in range(0, len(ids), 900):
-            for alert_id in ids[chunk_start : chunk_start + 900]:
-                by_visit[self.store.alert_row(alert_id)["visit"]].append(alert_id)
+        for alert_id, visit in self.store.alert_visits(ids).items():
+            by_visit[visit].append(alert_id)
         for visit, vids in sorted(by_visit.items()):
             self.store.add_feed_manifest(
                 feed.name,

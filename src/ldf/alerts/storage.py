@@ -328,10 +328,11 @@ class AlertStore(SqlStore):
                 closed_unix=row.closed_unix,
             )
 
-    def manifested_visits(self) -> set[int]:
-        """Visits that have a manifest."""
+    def manifested_visits(self, visits: Iterable[int]) -> set[int]:
+        """Which of these visits have a manifest."""
+        wanted = list(visits)
         with self._reader() as s:
-            return set(s.scalars(select(SQLManifest.visit)))
+            return set(s.scalars(select(SQLManifest.visit).where(SQLManifest.visit.in_(wanted))))
 
     # -- reading the log ------------------------------------------------------------------
 
@@ -420,6 +421,11 @@ class AlertStore(SqlStore):
             if row is None:
                 raise NotFoundError(f"no alert {alert_id}")
             return {c.name: getattr(row, c.name) for c in SQLAlert.__table__.columns}
+
+    def alert_visits(self, alert_ids: Sequence[int]) -> dict[int, int]:
+        """The visit of each of these alerts."""
+        with self._reader() as s:
+            return self._visits_of(s, alert_ids)
 
     def alert_ids(
         self,
