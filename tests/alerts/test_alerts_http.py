@@ -153,3 +153,23 @@ def test_nats_feeds_are_not_read_over_http(served: Served) -> None:
             fink.entries("fink-nats", after=None)
         with pytest.raises(StateError, match="delivered over nats"):
             fink.ack("fink-nats", 0)
+
+
+def test_feed_source_errors(served: Served) -> None:
+    from ldf.errors import TransportError
+
+    with client(served, "fink") as fink:
+        fink.create_feed(name="fink-full", broker="fink")
+    src = HttpFeedSource(served.url, served.tokens["lasair"], "fink-full")
+    with pytest.raises(UserInputError, match="403"):
+        src.fetch(0, wait_s=0)
+    src.close()
+    src = HttpFeedSource(served.url, served.tokens["fink"], "nope")
+    with pytest.raises(NotFoundError):
+        src.fetch(0, wait_s=0)
+    src.close()
+    src = HttpFeedSource("http://127.0.0.1:9", served.tokens["fink"], "fink-full")
+    with pytest.raises(TransportError, match="unreachable"):
+        src.fetch(0, wait_s=0)
+    with pytest.raises(UserInputError, match="http"):
+        HttpFeedSource("ftp://x", "t", "f")
