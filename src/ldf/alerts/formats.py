@@ -290,6 +290,7 @@ def _cutouts_start(packet: bytes) -> int | None:
 
 def strip_cutouts(packet: bytes) -> bytes:
     """A packet with its three cutouts null (same schema)."""
+    packet = bytes(packet)  # a memoryview from the segments has no find()
     start = _cutouts_start(packet)
     if start is None:
         return convert(packet, cutouts=False, _slow=True)
@@ -306,6 +307,7 @@ def convert(
         return packet
     if not cutouts and target_id == source_id and not _slow:
         return strip_cutouts(packet)
+    packet = bytes(packet)
     _source, record = decode(packet)
     target = schema_for_id(target_id)
     if not cutouts:

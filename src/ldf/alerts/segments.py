@@ -130,8 +130,13 @@ class SegmentLog:
                 self._readers[segment] = fd
             return fd
 
-    def read(self, locations: Sequence[tuple[int, int, int]]) -> list[bytes]:
+    def read(
+        self, locations: Sequence[tuple[int, int, int]], *, views: bool = False
+    ) -> list[bytes]:
         """The packets at (segment, offset, length) locations, reading contiguous runs at once.
+
+        With ``views`` the packets are memoryviews into one buffer per run, not copies (the
+        delivery path: a copy of every batch cost a seventh of the server's CPU).
 
         Raises
         ------
@@ -158,7 +163,11 @@ class SegmentLog:
                 pos = 0
                 for k in range(i, j):
                     ln = locations[k][2]
-                    out.append(bytes(view[pos : pos + ln]) if j - i > 1 else data)
+                    if j - i == 1:
+                        out.append(data)
+                    else:
+                        part = view[pos : pos + ln]
+                        out.append(part if views else bytes(part))  # type: ignore[arg-type]
                     pos += ln
                 i = j
         except OSError as exc:

@@ -326,7 +326,7 @@ class AlertService:
     def _read_packets(self, rows: list[LogRow], hot: list[tuple[int, int, int]]) -> list[bytes]:
         """The packets of alert rows: from hot segments, or the archive once pruned."""
         try:
-            return self.segments.read(hot)
+            return self.segments.read(hot, views=True)
         except StorageError:
             out = []
             for r in rows:
