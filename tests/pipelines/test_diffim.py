@@ -191,23 +191,30 @@ def test_residual_background_is_removed(science: Exposure, warped: Exposure) -> 
 def test_convolve_science_grows_cosmic_rays_by_the_kernel_core(
     small_camera: Instrument, rich_sky: Sky, tmp_path: Path
 ) -> None:
-    """ISR has interpolated CR pixels; only the kernel's core spreads them (not its wings)."""
+    """ISR has interpolated CR pixels and defects; only the kernel's core spreads them (not
+    its wings). A BAD pixel nobody interpolated spreads as far as the kernel reaches."""
     det = small_camera.detector("R22_S11")
     blurry = template_visits(seeing=(0.9, 0.95, 0.92, 0.88, 0.97), first_seq=300)
     store = build_store(tmp_path, small_camera, det, rich_sky, blurry)
     sci = calibrated_copy(small_camera, det, field_visit(2, SCIENCE_MJD, 0.6, -4, 3), rich_sky)[0]
     assert sci.wcs is not None
     sci.mask[500, 500] |= np.uint16(Mask.CR)
+    sci.mask[100:300, 200] |= np.uint16(Mask.BAD | Mask.INTRP)  # a defect column ISR repaired
+    sci.mask[700, 300] |= np.uint16(Mask.BAD)  # not interpolated
     res = subtract(sci, store.warp_to("r", sci.wcs, sci.shape, info=sci.info))
     assert res.mode == CONVOLVE_SCIENCE
     hw = res.kernel.shape[0] // 2
-    cr = (res.difference.mask[500 - hw : 501 + hw, 500 - hw : 501 + hw] & np.uint16(Mask.CR)) != 0
+    m = res.difference.mask
+    cr = (m[500 - hw : 501 + hw, 500 - hw : 501 + hw] & np.uint16(Mask.CR)) != 0
     rows, cols = np.nonzero(cr)
     radius = int(max(np.abs(rows - hw).max(), np.abs(cols - hw).max()))
     assert 1 <= radius < hw, (radius, hw)
     k = np.abs(res.kernel)
     core = k[hw - radius : hw + radius + 1, hw - radius : hw + radius + 1].sum()
     assert core >= 0.9 * k.sum()
+    bad = (m[200, 200 - hw : 201 + hw] & np.uint16(Mask.BAD)) != 0
+    assert np.flatnonzero(bad).tolist() == list(range(hw - radius, hw + radius + 1))
+    assert (m[700 - hw : 701 + hw, 300 - hw : 301 + hw] & np.uint16(Mask.BAD)).all()
 
 
 def test_modes_can_be_forced_and_sources_can_be_given(science: Exposure, warped: Exposure) -> None:

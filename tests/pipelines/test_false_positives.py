@@ -1,9 +1,10 @@
 """False DiaSources and recovery on the chain Prompt Processing runs, against the simulator's truth.
 
 The scenario is the facility's (``ldf.prompt.seed`` + ``ldf.prompt.worker``) on the sky the
-facility simulates by default (``SimSettings``: stars, transients and variables at the density
-a full-size CCD sees): master calibrations from rendered calibration raws; a template per
-patch coadded from three visits of the field a year earlier at 0.60–0.70″, each a raw
+facility simulates by default (``SimSettings``: stars at the density a full-size CCD sees), with
+transients and variables as many per CCD as a full-size one too: master calibrations from
+rendered calibration raws; a template per patch coadded from three visits of the field a year
+earlier at 0.60–0.70″, each a raw
 through ISR (cosmic rays masked) → characterization → astrometry → photometry; science visits
 of the same field rendered as raws and run through the same front end, the template warped
 onto them, subtracted, DiaSources detected at 5σ. Two science seeings: 0.40″ (sharper than
@@ -93,7 +94,9 @@ class Run:
 
 
 def _sky(scale: float) -> Sky:
-    k, transients, variables = SimSettings().sky(scale)
+    # Transients and variables as many per CCD as a full-size one has (the facility's default
+    # scales them by 1/scale only): the statistics of recovery, and a crowded stress test.
+    k, transients, variables = SimSettings(injected_density_scale=min(50.0, scale**-2)).sky(scale)
     return Sky(
         SEED, star_density_scale=k, transient_rate_deg2=transients, variable_density_deg2=variables
     )

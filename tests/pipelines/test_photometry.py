@@ -13,7 +13,7 @@ from ldf.pipelines.astrometry import fit_astrometry, load_refcat_for
 from ldf.pipelines.characterize import characterize
 from ldf.pipelines.photometry import calibrate_photometry
 from ldf.pipelines.refcat import RefcatStore
-from ldf.pipelines.types import AB_NJY_ZERO_POINT, DetectorError, Exposure, VisitInfo
+from ldf.pipelines.types import AB_NJY_ZERO_POINT, DetectorError, Exposure, Mask, VisitInfo
 from ldf.sim.instruments import Instrument
 from ldf.sim.sky import Sky
 from tests.pipelines.conftest import (
@@ -139,6 +139,27 @@ def test_saturated_and_blended_stars_are_not_used(
     res = calibrate_photometry(exp, src, astro.refcat, astro.matches)
     assert res.n_stars == first.n_stars - 3
     assert not np.isin(res.used[:, 0], flagged).any()
+
+
+def test_stars_with_repaired_cores_are_not_used(
+    small_camera: Instrument, dense_sky: Sky, store: RefcatStore
+) -> None:
+    """A star whose core ISR interpolated (a cosmic ray on it, or a core the cosmic-ray
+    finder took for one in seeing sharper than it assumes) has lost flux: not a calibrator."""
+    exp, char, astro, expected = _calibrated(small_camera, dense_sky, store, seq_num=36)
+    first = calibrate_photometry(exp, char.sources, astro.refcat, astro.matches)
+    rows = first.used[: max(3, first.n_stars // 2), 0]  # half the calibrators hit
+    src = char.sources
+    for k, r in enumerate(rows):
+        x, y = round(float(src["x"].iloc[r])), round(float(src["y"].iloc[r]))
+        bit = (Mask.CR | Mask.INTRP, Mask.INTRP, Mask.BAD)[k % 3]
+        exp.mask[y + (k % 2), x - 2 + (k % 5)] |= np.uint16(bit)
+    hit = src.copy()
+    hit.loc[hit.index[rows], "flux"] *= 0.8  # the interpolated cores lost a fifth
+    res = calibrate_photometry(exp, hit, astro.refcat, astro.matches)
+    assert not np.isin(res.used[:, 0], rows).any()
+    assert res.n_stars == first.n_stars - len(rows)
+    assert res.zero_point == pytest.approx(expected, abs=0.01)
 
 
 def test_bad_inputs(small_camera: Instrument, dense_sky: Sky, store: RefcatStore) -> None:

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from ldf.errors import UserInputError
-from ldf.sim.conditions import DARK_SKY_MAG, conditions_for, moon_illumination
+from ldf.sim.conditions import (
+    DARK_SKY_MAG,
+    SYSTEM_FWHM_ARCSEC,
+    conditions_for,
+    moon_illumination,
+)
 from ldf.sim.sky import (
     INJECTED_DTYPE,
     KIND_PERIODIC,
@@ -116,11 +121,15 @@ def test_conditions_deterministic_and_scaling() -> None:
     assert a != conditions_for(5, 61000.2, "r", 1.0)
     x = conditions_for(4, 61000.2, "r", 2.0)
     assert x.seeing_fwhm_arcsec / a.seeing_fwhm_arcsec == pytest.approx(2.0**0.6, rel=1e-3)
+    # The atmosphere's part scales with λ^-0.2; the telescope's and camera's does not.
     u = conditions_for(4, 61000.2, "u", 1.0)
-    ratio = u.seeing_fwhm_arcsec / a.seeing_fwhm_arcsec
-    assert ratio == pytest.approx((368.0 / 622.0) ** -0.2, rel=1e-3)
+    atm_r = math.sqrt(a.seeing_fwhm_arcsec**2 - SYSTEM_FWHM_ARCSEC**2)
+    atm_u = atm_r * (368.0 / 622.0) ** -0.2
+    assert u.seeing_fwhm_arcsec == pytest.approx(math.hypot(atm_u, SYSTEM_FWHM_ARCSEC), rel=1e-3)
     seeing = [conditions_for(9, 61000.0 + k * 1.37, "r", 1.0).seeing_fwhm_arcsec for k in range(80)]
     assert 0.55 < float(np.median(seeing)) * (622 / 500) ** 0.2 < 0.9
+    # Delivered images are never sharper than the telescope and camera make them.
+    assert min(seeing) > SYSTEM_FWHM_ARCSEC
     assert all(0 < c <= 1 for c in (a.transparency, x.transparency))
 
 

@@ -55,7 +55,10 @@ Reliability
     cosmic-ray *track* that ISR masked only in part (its per-pixel threshold is 6σ; a track at
     3–5σ per pixel survives, and the convolveScience kernel smooths it into a ridge the matched
     filter finds at S/N 5–15) is a straight line through or ending at the source in the
-    science image (:func:`_track`: the S/N along the two arms of the best line, ``t``).
+    science image (:func:`_track`: the S/N along the two arms of the best line, ``t``); pixels
+    the template explains are left out of it — a cosmic ray is in no template, while in a
+    crowded field a neighbouring star's core, in sharp seeing as narrow as a track, lies
+    along some line through most sources.
     ``reliability = 1 / (1 + (b / 0.3)²) / (1 + e²)`` with
     ``e = max(0, (s₁ − 5) / 2, s₂, (t − 3) / 0.5)``; sources below ``RELIABILITY_CUT`` (0.5:
     ``b > 0.3``, ``s₁ > 7``, ``s₂ > 1`` or ``t > 3.5``) are dropped, and so are sources centred on
@@ -111,6 +114,12 @@ _TRACK_PIXEL_SNR = 2.0
 _TRACK_NARROW = 0.4
 _TRACK_END_PIXELS = 6
 """Pixels of one arm that must look like a track (> 2σ, one pixel wide) for a track end."""
+_TRACK_STATIC_SIGMA = 2.0
+_TRACK_STATIC_FRACTION = 0.2
+"""A pixel the template explains is left out of the track test (:func:`_track`): template
+above this many of its σ plus this fraction of the science residual. A star's core in the
+template is ≥ 0.3 of the science's (the template's PSF is at most ~1.9× wider); noise in a
+cosmic ray's pixels passes the cut with probability < 2.3 %."""
 _APERTURE_RADIUS = 12.0
 _PHASES = 11
 _NO_DETECT = np.uint16(Mask.NO_DATA | Mask.EDGE | Mask.SAT | Mask.BAD | Mask.CR)
@@ -597,6 +606,7 @@ def _track(
     x: np.ndarray,
     y: np.ndarray,
     flux: np.ndarray,
+    static: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> np.ndarray:
     """How strongly a straight line runs through each position in the science image (σ).
 
@@ -618,6 +628,14 @@ def _track(
     ``_TRACK_END_PIXELS`` of the arm's 11 above 2σ and one pixel wide (the residual two pixels
     across below 40 % of theirs) — and scores +inf (noise: ~10⁻⁹ per arm; a star's core covers
     three or four of them, its wings are not that narrow). Positions off the image get −inf.
+
+    ``static`` — the template on the science grid (image, variance, and the factor that
+    turns its units into the science's electrons) — leaves out the pixels a *static* source
+    explains: where the template holds more than ``_TRACK_STATIC_SIGMA`` of its own noise plus
+    ``_TRACK_STATIC_FRACTION`` of the science residual. A cosmic ray is in no template; a
+    neighbouring star is, and in a crowded field (a star within 12 pixels of most sources)
+    its core along an arm — a few pixels, as narrow as a track in sharp seeing — would
+    otherwise complete a "track" with the source's own residual and condemn a real transient.
     """
     n = x.size
     if n == 0:
@@ -634,7 +652,13 @@ def _track(
     model[:, h - k : h + k + 1, h - k : h + k + 1] = phi * np.nan_to_num(flux)[:, None, None]
     unusable = np.uint16(Mask.NO_DATA | Mask.SAT | Mask.BAD | Mask.EDGE | Mask.CR)
     w = inside & ((m & unusable) == 0)
-    resid = np.where(w, d.astype(np.float64) - model, 0.0)
+    raw = d.astype(np.float64) - model
+    if static is not None:
+        (t_img, t_var), _ = _gather_many(static[:2], ix, iy, h)
+        t_img = t_img.astype(np.float64) * static[2]
+        t_sig = np.sqrt(np.maximum(t_var.astype(np.float64), 0.0)) * static[2]
+        w &= ~(t_img > _TRACK_STATIC_SIGMA * t_sig + _TRACK_STATIC_FRACTION * np.maximum(raw, 0.0))
+    resid = np.where(w, raw, 0.0)
     var = np.where(w, v.astype(np.float64), 0.0)
     amod = np.where(w, np.abs(model), 0.0)
     is_cr = inside & ((m & np.uint16(Mask.CR)) != 0)
@@ -873,7 +897,15 @@ def detect_dia_sources(
         np.maximum(0.0, s_model - _SHARP_MODEL_OK) / _SHARP_MODEL_SCALE, np.maximum(0.0, s_ratio)
     )
     # A cosmic-ray track ISR left (partly) unmasked: a line through the source in the science.
-    track = _track(science.image, science.variance, science.mask, sci_grid, xs, ys, fs)
+    # Pixels a static source (in the template) explains are no track: crowded fields.
+    static = None
+    if template is not None:
+        static = (
+            template.image,
+            template.variance,
+            template.njy_per_electron() / science.njy_per_electron(),
+        )
+    track = _track(science.image, science.variance, science.mask, sci_grid, xs, ys, fs, static)
     track = np.where(table["psfFlux"] > 0, track, -np.inf)
     excess = np.maximum(excess, np.maximum(0.0, track - _TRACK_OK) / _TRACK_SCALE)
     table["reliability"] = table["reliability"] / (1.0 + excess**2)

@@ -1,8 +1,12 @@
 """Photometric calibration: the zero point of one detector-exposure from reference stars.
 
 Rubin's ``PhotoCalTask`` in its simplest (single-band, no colour term) form: for the
-astrometric matches that are unsaturated, unblended, away from the edges and measured with
-S/N ≥ 10, each star gives ``zp_i = m_ref + 2.5 log10(f_i / t)`` (f in electrons, t the
+astrometric matches that are unsaturated, unblended, away from the edges, measured with
+S/N ≥ 10 and free of repaired pixels near their centre (no ``CR``, ``INTRP``, ``BAD``, ``SAT``
+or ``NO_DATA`` within ±:data:`CENTER_BOX_PX`: an interpolated core — a cosmic ray's, or a
+core the cosmic-ray finder mistook for one — changes the star's flux by up to tens of per
+cent, as Rubin's photometric source selector excludes ``…_interpolatedCenter`` and
+``…_crCenter``), each star gives ``zp_i = m_ref + 2.5 log10(f_i / t)`` (f in electrons, t the
 exposure time), with variance ``σ_ref² + (1.0857 σ_f / f)²``. The zero point is their
 inverse-variance weighted mean, iteratively 3σ-clipped about the weighted median, with an
 error that is the larger of the formal one and the scatter over √N (so an unmodelled
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ldf.pipelines.types import DetectorError, Exposure
+from ldf.pipelines.types import DetectorError, Exposure, Mask
 
 __all__ = ["MIN_STARS", "PhotometryResult", "calibrate_photometry"]
 
@@ -32,6 +36,21 @@ MIN_STARS = 3
 _MIN_SNR = 10.0
 _CLIP_SIGMA = 3.0
 _MAG_ERR_FLOOR = 0.003  # per-star systematic floor (flat-field residuals, PSF variation)
+CENTER_BOX_PX = 2
+"""Half-width of the box around a calibration star's centre that must hold no repaired pixel."""
+_CENTER_REJECT = np.uint16(Mask.CR | Mask.INTRP | Mask.BAD | Mask.SAT | Mask.NO_DATA)
+
+
+def _repaired_centres(mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether any pixel within ±CENTER_BOX_PX of each position is in ``_CENTER_REJECT``."""
+    ny, nx = mask.shape
+    h = CENTER_BOX_PX
+    ix = np.rint(np.nan_to_num(x, nan=-1e9)).astype(np.int64)
+    iy = np.rint(np.nan_to_num(y, nan=-1e9)).astype(np.int64)
+    off = np.arange(-h, h + 1)
+    yy = np.clip(iy[:, None, None] + off[None, :, None], 0, ny - 1)
+    xx = np.clip(ix[:, None, None] + off[None, None, :], 0, nx - 1)
+    return np.asarray(((mask[yy, xx] & _CENTER_REJECT) != 0).any(axis=(1, 2)))
 
 
 @dataclass
@@ -105,6 +124,12 @@ def calibrate_photometry(
     for col in ("saturated", "edge", "blended"):
         if col in sources.columns:
             good &= ~sources[col].to_numpy(bool)[si]
+    if "x" in sources.columns and "y" in sources.columns and si.size:
+        good &= ~_repaired_centres(
+            exposure.mask,
+            sources["x"].to_numpy(np.float64)[si],
+            sources["y"].to_numpy(np.float64)[si],
+        )
     mag = np.asarray(refcat[band], np.float64)[ri]
     err_col = f"{band}_err"
     mag_err = (
@@ -114,7 +139,7 @@ def calibrate_photometry(
     if good.sum() < MIN_STARS:
         raise DetectorError(
             STAGE,
-            f"only {int(good.sum())} unsaturated matched stars with S/N ≥ {_MIN_SNR:g} "
+            f"only {int(good.sum())} clean unsaturated matched stars with S/N ≥ {_MIN_SNR:g} "
             f"(need ≥ {MIN_STARS}): too few reference stars in band {band} or heavy cloud",
         )
     flux, flux_err, mag, mag_err = flux[good], flux_err[good], mag[good], mag_err[good]

@@ -95,7 +95,13 @@ def summarize_prompt(
 ) -> dict[str, Any]:
     """Per-visit service level, validation against truth and QA (JSON-ready)."""
     from ldf.pipelines.apdb import PromptApdb
-    from ldf.prompt.validation import expected_zero_point, score_detector, summarize
+    from ldf.prompt.validation import (
+        coverage_path,
+        expected_zero_point,
+        load_coverage,
+        score_detector,
+        summarize,
+    )
     from ldf.sim.instruments import get_instrument
 
     reports = service.reports(day_obs)
@@ -125,6 +131,9 @@ def summarize_prompt(
                 sky_e=float(qa.get("sky_e_per_pixel") or 0.0),
                 read_noise_e=rn,
                 fwhm_px=fwhm_px,
+                coverage=load_coverage(
+                    coverage_path(settings.home, j["exposure_id"], j["detector"])
+                ),
             )
         )
         truth_cond = cond.get(j["exposure_id"], {})
@@ -224,11 +233,19 @@ def print_prompt_summary(summary: dict[str, Any], console: Any) -> None:
     v = summary["validation"]
     if v.get("detector_visits"):
         rec = "-" if v["recovery"] is None else f"{100 * v['recovery']:.1f} %"
+        area = "on the usable area " if v.get("usable_area") else ""
+        left = v.get("excluded_outside", 0) + v.get("excluded_saturated", 0)
         console.print(
-            f"Injected transients with S/N ≥ 10 recovered: {rec} "
-            f"({v['recovered_snr10']}/{v['transients_snr10']}) · false DiaSources: "
-            f"{v['false_per_detector']} per detector-visit ({v['false']} in "
-            f"{v['detector_visits']})"
+            f"Injected transients with S/N ≥ 10 {area}recovered: {rec} "
+            f"({v['recovered_snr10']}/{v['transients_snr10']}"
+            + (
+                f"; {v.get('excluded_outside', 0)} off the usable area and "
+                f"{v.get('excluded_saturated', 0)} on saturated pixels not counted"
+                if left
+                else ""
+            )
+            + f") · false DiaSources: {v['false_per_detector']} per detector-visit "
+            f"({v['false']} in {v['detector_visits']})"
         )
     q = summary["quality"]
     if q:

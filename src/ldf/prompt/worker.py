@@ -36,6 +36,7 @@ from ldf.pipelines import (
 )
 from ldf.pipelines.singleframe import StageTimer, plain_quality, single_frame
 from ldf.pipelines.types import DetectorError, VisitInfo
+from ldf.prompt import validation
 from ldf.prompt.inputs import InputPaths, load_snapshot
 from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
 
@@ -133,6 +134,11 @@ def _back_end(
             raise DetectorError("diffim", "the raw header names no band (FILTBAND)")
         template = store.warp_to(info.band, science.wcs, science.shape, info=info)
         diff = diffim.subtract(science, template, sources=char.sources)
+        # The usable area of the difference, for science validation (~10 kB, ~40 ms full size).
+        validation.save_coverage(
+            validation.coverage_path(job.home, job.exposure_id, job.detector),
+            validation.coverage_mask(diff.difference.mask, science.mask),
+        )
     with timer("dia"):
         sources = dia.detect_dia_sources(
             diff.difference, science, diff.template, threshold=job.detection_threshold

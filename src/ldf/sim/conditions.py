@@ -1,8 +1,13 @@
 """The atmosphere and the sky brightness during a visit, deterministic for a seed.
 
-* Seeing: lognormal around 0.7″ FWHM at zenith and 500 nm, with a per-night level, slow
-  variations during the night (a few incommensurate sinusoids) and a small per-visit jitter;
-  scaled by ``airmass**0.6`` and ``(λ/500 nm)**-0.2`` (Kolmogorov turbulence).
+* Seeing (the *delivered* PSF FWHM): the atmosphere's — lognormal around 0.7″ FWHM at zenith
+  and 500 nm, with a per-night level, slow variations during the night (a few incommensurate
+  sinusoids) and a small per-visit jitter, scaled by ``airmass**0.6`` and ``(λ/500 nm)**-0.2``
+  (Kolmogorov turbulence) — added in quadrature to the telescope's and camera's own
+  :data:`SYSTEM_FWHM_ARCSEC` × ``airmass**0.6`` (Rubin's OpSim ``SeeingModel``: telescope
+  0.25″, optical design 0.08″, camera 0.30″; LSST Document-20160). Without it a good night
+  gave 0.34″ images, sharper than anything the telescope can deliver (and sharper than the
+  cosmic-ray finder's physical floor, :data:`ldf.pipelines.isr.CR_MIN_PSF_FWHM_ARCSEC`).
 * Sky brightness: dark-sky zenith values per band, brighter with airmass, plus scattered
   moonlight from the Krisciunas & Schaefer (1991, PASP 103, 1033) model with a rough per-band
   colour of moonlight.
@@ -29,6 +34,7 @@ __all__ = [
     "RUBIN_LATITUDE_DEG",
     "RUBIN_LONGITUDE_DEG",
     "RUBIN_SITE",
+    "SYSTEM_FWHM_ARCSEC",
     "conditions_for",
     "moon_illumination",
     "moon_radec",
@@ -74,6 +80,10 @@ _SIGMA_LN_HOURS = 0.12
 _SIGMA_LN_VISIT = 0.04
 _CLOUDY_NIGHT_FRACTION = 0.25
 _SKY_JITTER_MAG = 0.05
+SYSTEM_FWHM_ARCSEC = 0.4
+"""The telescope's and camera's contribution to the delivered FWHM at zenith (arcsec): Rubin's
+OpSim ``SeeingModel`` adds telescope 0.25″, optical design 0.08″ and camera 0.30″ in
+quadrature (0.399″) and scales the sum with ``airmass**0.6`` like the atmosphere's."""
 _POINTING_RMS_ARCSEC = 2.0
 """Rms per axis of the mount's blind pointing error (Rubin's requirement is 2″ after a slew)."""
 
@@ -198,7 +208,8 @@ def conditions_for(
         + float(vrng.normal(0.0, _SIGMA_LN_VISIT))
     )
     wavelength = BAND_WAVELENGTH_NM[band]
-    seeing = math.exp(ln_seeing) * airmass**0.6 * (wavelength / 500.0) ** -0.2
+    atmosphere = math.exp(ln_seeing) * (wavelength / 500.0) ** -0.2
+    seeing = math.hypot(atmosphere, SYSTEM_FWHM_ARCSEC) * airmass**0.6
 
     if cloudy:
         wave = 0.5 * (1.0 + math.sin(2 * math.pi * hours / cloud_period_h + cloud_phase))
