@@ -122,3 +122,22 @@ class StagingRequiredError(StorageError):
     """A file on a nearline (tape-like) endpoint must be staged before it can be read."""
 
     code = "staging_required"
+
+
+def http_status(exc: LdfError) -> int:
+    """The HTTP status an HTTP API answers an error with.
+
+    400 bad input, 404 not found, 409 illegal in the current state, 503 a dependency is
+    unreachable; 500 for the service's own configuration, storage and anything unforeseen.
+    """
+    if isinstance(exc, ConfigError):
+        return 500  # the service's own configuration, not the request
+    if isinstance(exc, UserInputError):
+        return 400
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, StateError):
+        return 409
+    if isinstance(exc, TransportError):
+        return 503
+    return 500

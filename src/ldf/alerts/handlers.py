@@ -45,12 +45,11 @@ from ldf.alerts.auth import Credentials, Principal, Role
 from ldf.alerts.models import Feed, FeedFormat, FeedSpec, ReplaySpec
 from ldf.alerts.service import AlertService
 from ldf.errors import (
-    ConfigError,
     LdfError,
     NotFoundError,
     StateError,
-    TransportError,
     UserInputError,
+    http_status,
 )
 from ldf.pipelines.alertpacket import AlertPacketError
 
@@ -68,19 +67,8 @@ class _HttpError(Exception):
 
 
 def _status(exc: LdfError) -> int:
-    if isinstance(exc, ConfigError):
-        return 500
-    if isinstance(exc, AlertPacketError):
-        return 422
-    if isinstance(exc, UserInputError):
-        return 400
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, StateError):
-        return 409
-    if isinstance(exc, TransportError):
-        return 503
-    return 500
+    """422 for a body that is not an alert packet; otherwise as every ldf HTTP API."""
+    return 422 if isinstance(exc, AlertPacketError) else http_status(exc)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

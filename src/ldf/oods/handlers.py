@@ -28,13 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from ldf.errors import (
-    ConfigError,
     LdfError,
     NotFoundError,
-    StateError,
-    StorageError,
-    TransportError,
     UserInputError,
+    http_status,
 )
 from ldf.oods.models import OodsEntry
 from ldf.oods.service import Oods, ReadLease
@@ -60,22 +57,6 @@ class _HttpError(Exception):
         self.status = status
         self.code = code
         self.headers = headers or {}
-
-
-def _status(exc: LdfError) -> int:
-    if isinstance(exc, ConfigError):
-        return 500  # the service's own configuration, not the request
-    if isinstance(exc, UserInputError):
-        return 400
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, StateError):
-        return 409
-    if isinstance(exc, TransportError):
-        return 503
-    if isinstance(exc, StorageError):
-        return 500
-    return 500
 
 
 def _error(
@@ -180,7 +161,7 @@ def create_app(oods: Oods, *, heartbeat_s: float = 15.0, poll_s: float = 1.0) ->
 
     @app.exception_handler(LdfError)
     async def _ldf_error(_request: Request, exc: LdfError) -> JSONResponse:
-        return _error(_status(exc), exc.code, str(exc).splitlines()[0])
+        return _error(http_status(exc), exc.code, str(exc).splitlines()[0])
 
     @app.exception_handler(_HttpError)
     async def _http_error(_request: Request, exc: _HttpError) -> JSONResponse:
