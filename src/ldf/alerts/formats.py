@@ -114,6 +114,22 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _schema_id(packet: bytes) -> int:
+    """The schema id of a wire-format packet's header.
+
+    Raises
+    ------
+    AlertPacketError
+        Too short, or not Confluent wire format.
+    """
+    if len(packet) < WIRE_HEADER.size:
+        raise AlertPacketError(f"{len(packet)} bytes is too short for an alert packet")
+    magic, schema_id = WIRE_HEADER.unpack_from(packet)
+    if magic != 0:
+        raise AlertPacketError(f"not Confluent wire format: magic byte {magic}, expected 0")
+    return int(schema_id)
+
+
 def decode(packet: bytes) -> tuple[AlertSchema, dict[str, Any]]:
     """Read a wire-format packet of any supported schema.
 
@@ -122,12 +138,7 @@ def decode(packet: bytes) -> tuple[AlertSchema, dict[str, Any]]:
     AlertPacketError
         Not an alert packet of a supported schema.
     """
-    if len(packet) < WIRE_HEADER.size:
-        raise AlertPacketError(f"{len(packet)} bytes is too short for an alert packet")
-    magic, schema_id = WIRE_HEADER.unpack_from(packet)
-    if magic != 0:
-        raise AlertPacketError(f"not Confluent wire format: magic byte {magic}, expected 0")
-    schema = schema_for_id(schema_id)
+    schema = schema_for_id(_schema_id(packet))
     return schema, schema.deserialize(packet)
 
 
@@ -168,12 +179,8 @@ def inspect(packet: bytes) -> AlertMeta:
     AlertPacketError
         Not an alert packet of a supported schema.
     """
-    if len(packet) < WIRE_HEADER.size:
-        raise AlertPacketError(f"{len(packet)} bytes is too short for an alert packet")
-    magic, schema_id = WIRE_HEADER.unpack_from(packet)
-    if magic != 0:
-        raise AlertPacketError(f"not Confluent wire format: magic byte {magic}, expected 0")
-    source_schema = _source_schema(schema_for_id(schema_id).schema_id)
+    schema_id = schema_for_id(_schema_id(packet)).schema_id
+    source_schema = _source_schema(schema_id)
     try:
         pos = WIRE_HEADER.size
         alert_id, pos = _varint(packet, pos)
