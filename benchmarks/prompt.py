@@ -13,9 +13,13 @@ transients and variables) is kept.
 
 1. **Per detector, one core**: ``OMP_NUM_THREADS`` and its kin are 1 before numpy is imported
    and the process is pinned to one CPU. The first visit's inputs are preloaded into a
-   scratch directory as on ``nextVisit`` (:class:`ldf.prompt.inputs.Preloader`), then
-   :func:`ldf.prompt.worker.process_detector` — the whole chain a warm worker runs: read →
-   ISR → characterization → astrometry → photometry → difference imaging → DIA sources →
+   scratch directory as on ``nextVisit`` (:class:`ldf.prompt.inputs.Preloader`), and each
+   detector's template is warped onto the grid the commanded pointing predicts, as an idle
+   worker does while the exposure is taken (:func:`ldf.prompt.worker.prewarp_template`;
+   timed on its own: ``prewarp``; ``--no-prewarp`` leaves it out, the detector then warps
+   after the raw). Then :func:`ldf.prompt.worker.process_detector` — the whole chain a warm
+   worker runs: read → ISR → characterization → astrometry → photometry → template (the
+   prewarp shifted by the pointing error) → difference imaging → DIA sources →
    association into the APDB → alert packets — runs in this process on each of the
    ``--detectors`` raws, ``--repeats`` rounds. The first round warms caches (imports,
    skymap, APDB schema) and is left out when there are more. ``detector_s`` is the median
@@ -46,7 +50,9 @@ transients and variables) is kept.
 4. **End to end, two visits**: a :class:`ldf.prompt.service.PromptService` with
    ``policy.workers`` = the usable cores and visits of as many detectors; the warm
    forkserver pool is started first (outside the clock). Per visit: ``on_next_visit``
-   (preload), the raws put in the OODS, ``on_end_readout(now)`` — the latency clock starts
+   (preload), the exposure (``run`` until idle: the workers prewarp the templates;
+   ``prewarp_s`` against the exposure time), the raws put in the OODS,
+   ``on_end_readout(now)`` — the latency clock starts
    — then ``on_image`` per detector and ``run(until_idle=True)``. The pair's first visit
    (APDB emptied again) is the first work of freshly forked workers (``first_visit``); the
    second meets warm workers and the first visit's DiaObjects (``visit``: a night's steady
@@ -299,6 +305,33 @@ def preload(settings: Settings, visit: VisitSpec, detectors: list[str], root: Pa
     return preloader.scratch_for(visit.exposure_id)
 
 
+def prewarp(settings: Settings, visit: VisitSpec, detectors: list[str], scratch: Path) -> float:
+    """Each detector's template warped onto its predicted grid, as an idle worker does on
+    nextVisit (in this process, one after the other); the median seconds per detector."""
+    from ldf.prompt.models import PrewarpJob
+    from ldf.prompt.worker import prewarp_template
+
+    seconds = []
+    for name in detectors:
+        job = PrewarpJob(
+            instrument=INSTRUMENT,
+            exposure_id=visit.exposure_id,
+            detector=name,
+            band=visit.band or "r",
+            ra_deg=visit.ra_deg,
+            dec_deg=visit.dec_deg,
+            rot_sky_deg=visit.rot_sky_deg,
+            scratch=str(scratch),
+            home=str(settings.home),
+            camera_scale=settings.sim.scale,
+        )
+        result = json.loads(prewarp_template(job.model_dump_json()))
+        if not result["ok"]:
+            raise RuntimeError(f"prewarp of {name}: {result['reason']}")
+        seconds.append(result["seconds"])
+    return float(np.median(seconds))
+
+
 def job_json(settings: Settings, visit: VisitSpec, raw: Raw, scratch: Path) -> str:
     """The DetectorJob the service would hand a worker for this raw (no deadline)."""
     from ldf.prompt.models import DetectorJob
@@ -327,6 +360,7 @@ def per_detector(
     repeats: int,
     scratch: Path,
     tmp: Path,
+    prewarped: bool,
 ) -> dict[str, Any]:
     """``process_detector`` in this process on each raw, ``repeats`` rounds; I/O floor."""
     from ldf.prompt.models import DetectorOutcome, JobState
@@ -343,6 +377,11 @@ def per_detector(
             if outcome.state != JobState.DONE:
                 raise RuntimeError(
                     f"{name}: {outcome.state} in {outcome.failed_stage}: {outcome.reason}"
+                )
+            if outcome.template_prewarped != prewarped:
+                raise RuntimeError(
+                    f"{name}: template_prewarped is {outcome.template_prewarped}, "
+                    f"expected {prewarped}"
                 )
             floor = io_floor(raw, tmp / "floor", alert_file_bytes(settings, visit, name))
             sc = score(settings, visit, raw, outcome)
@@ -478,6 +517,10 @@ def one_visit(svc: Any, visit: VisitSpec, raws: dict[str, Raw]) -> dict[str, Any
     t_announce = time.perf_counter()
     svc.on_next_visit(visit.model_dump(mode="json"), detectors=dets)
     preload_s = time.perf_counter() - t_announce
+    # The exposure: the idle workers prewarp the detectors' templates (policy permitting).
+    t_exposure = time.perf_counter()
+    svc.run(until_idle=True)
+    prewarp_s = time.perf_counter() - t_exposure
     oods = settings.home / "oods" / INSTRUMENT / str(visit.day_obs) / visit.obs_id
     oods.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -515,6 +558,9 @@ def one_visit(svc: Any, visit: VisitSpec, raws: dict[str, Raw]) -> dict[str, Any
         "wall_s": round(wall, 3),
         "stage_p50_s": rep.stage_p50_s,
         "preload_s": round(preload_s, 3),
+        "prewarp_s": round(prewarp_s, 3),
+        "prewarp_within_exposure": prewarp_s <= visit.exp_time_s,
+        "templates_prewarped": rep.templates_prewarped,
     }
 
 
@@ -562,6 +608,11 @@ def main() -> None:
         default=None,
         help="Detectors (= workers) of the end-to-end visit (default: usable cores).",
     )
+    parser.add_argument(
+        "--no-prewarp",
+        action="store_true",
+        help="Warp templates after the raw (no prewarp on nextVisit): the old path.",
+    )
     args = parser.parse_args()
     for name in ("detectors", "repeats"):
         if getattr(args, name) < 1:
@@ -584,7 +635,7 @@ def main() -> None:
         settings = load_settings(
             home=home,
             sim={"scale": args.scale, "seed": args.seed},
-            policies={"prompt": {"workers": n_visit}},
+            policies={"prompt": {"workers": n_visit, "prewarp_templates": not args.no_prewarp}},
         )
         visits = science_visits(args.seed)
         visit = visits[0]
@@ -610,9 +661,13 @@ def main() -> None:
         if affinity is not None:
             os.sched_setaffinity(0, {min(affinity)})
         try:
+            prewarp_s = None
+            if not args.no_prewarp:
+                prewarp_s = prewarp(settings, visit, all_dets, scratch)
+                log(f"templates prewarped (as on nextVisit): {prewarp_s:.2f} s per detector")
             one = per_detector(
                 settings, visit, {d: raws[d] for d in timed}, reset,
-                repeats=args.repeats, scratch=scratch, tmp=tmp,
+                repeats=args.repeats, scratch=scratch, tmp=tmp, prewarped=not args.no_prewarp,
             )  # fmt: skip
         finally:
             if affinity is not None:
@@ -649,6 +704,15 @@ def main() -> None:
                     },
                     "ratio": round(detector_s / floor_s, 2) if detector_s and floor_s else None,
                     "ratio_meaning": "pipeline seconds / I/O-floor seconds per detector",
+                    "prewarp": {
+                        "what": "each detector's template warped onto the grid the commanded "
+                        "pointing predicts, done by an idle worker on nextVisit while the "
+                        "exposure is taken (median seconds per detector, one core); the "
+                        "detector then only shifts it (stage 'template')",
+                        "enabled": not args.no_prewarp,
+                        "seconds_per_detector": round(prewarp_s, 3) if prewarp_s else None,
+                        "exposure_s": visit.exp_time_s,
+                    },
                     "target_s": TARGET_S,
                     "meets_target": bool(detector_s is not None and detector_s <= TARGET_S),
                     "all_cores_busy": {

@@ -540,3 +540,94 @@ def test_template_fits_layout(coadd: Template, tmp_path: Path) -> None:
         assert hdul["IMAGE"].header["BUNIT"] == "nJy"
         assert hdul["IMAGE"].header["CTYPE1"] == "RA---TAN"
         assert hdul["MASK"].header["MSKBIT6"] == "NO_DATA"
+
+
+# -- prewarp (ldf.pipelines.prewarp) ---------------------------------------------------------
+
+
+def _shifted(wcs: WCS, dx: float, dy: float, rot_deg: float = 0.0) -> WCS:
+    """``wcs`` moved by (dx, dy) pixels on the sky (pixel p of the result is p + d of
+    ``wcs``), optionally rotated about its reference pixel."""
+    out = wcs.deepcopy()
+    out.wcs.crpix = [wcs.wcs.crpix[0] - dx, wcs.wcs.crpix[1] - dy]
+    if rot_deg:
+        th = math.radians(rot_deg)
+        rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+        out.wcs.cd = wcs.wcs.cd @ rot
+    out.wcs.set()
+    return out
+
+
+def test_prewarped_template_shifted_matches_a_full_warp(
+    small_camera: Instrument, rich_sky: Sky, coadd: Template, tmp_path: Path
+) -> None:
+    import scipy.ndimage as ndi
+
+    from ldf.pipelines.prewarp import MARGIN, PrewarpMiss, from_prewarped, prewarp
+
+    det = small_camera.detector("R22_S11")
+    store = TemplateStore(tmp_path / "store")
+    store.save(coadd)
+    predicted = detector_wcs(small_camera, det, FIELD[0], FIELD[1], 0.0)
+    shape = (det.ny, det.nx)
+    where = prewarp(store, "r", predicted, shape, tmp_path / "prewarped" / "R22_S11-r")
+    assert sorted(p.name for p in where.parent.iterdir()) == ["R22_S11-r"]  # no temporary
+    # A pointing error of (3.37, −7.61) px: the fitted WCS is the predicted one shifted.
+    fitted = _shifted(predicted, 3.37, -7.61)
+    got = from_prewarped(where, fitted, shape)
+    assert not isinstance(got, PrewarpMiss), got
+    full = store.warp_to("r", fitted, shape)
+    assert got.shape == full.shape == shape
+    assert got.metadata["TMPLSHX"] == pytest.approx(3.37, abs=1e-3)
+    assert got.metadata["TMPLSHY"] == pytest.approx(-7.61, abs=1e-3)
+    assert got.psf is not None
+    assert full.psf is not None
+    assert got.psf.fwhm_px == pytest.approx(full.psf.fwhm_px)
+    assert got.zero_point == full.zero_point
+    usable = ((got.mask | full.mask) & np.uint16(Mask.NO_DATA | Mask.EDGE)) == 0
+    assert usable.mean() > 0.8
+    # Stars: same positions and fluxes as the direct warp gives.
+    stars = star_truth(rich_sky, full, (16.0, 20.5))
+    ok = isolated(stars["x"], stars["y"], stars["njy"], 25.0)
+    ok &= (stars["x"] > 30) & (stars["x"] < shape[1] - 30)
+    ok &= (stars["y"] > 30) & (stars["y"] < shape[0] - 30)
+    ix, iy = np.rint(stars["x"]).astype(int), np.rint(stars["y"]).astype(int)
+    ok &= usable[iy, ix]
+    assert ok.sum() >= 5
+    xg, yg, _ = sep.winpos(got.image, stars["x"][ok], stars["y"][ok], 1.4)
+    xf, yf, _ = sep.winpos(full.image, stars["x"][ok], stars["y"][ok], 1.4)
+    assert float(np.max(np.hypot(xg - xf, yg - yf))) < 0.03
+    fg = _psf_flux(got.image, full.psf.image, stars["x"][ok], stars["y"][ok])
+    ff = _psf_flux(full.image, full.psf.image, stars["x"][ok], stars["y"][ok])
+    assert float(np.max(np.abs(fg / ff - 1.0))) < 0.005
+    # Pixel by pixel: the second interpolation smooths the noise a little and a bright
+    # star's core by a few per cent of its peak.
+    diff = np.abs(got.image - full.image)[usable]
+    sigma = np.sqrt(full.variance[usable])
+    assert float(np.sqrt(np.mean((diff / sigma) ** 2))) < 0.5
+    assert float(diff.max()) < 0.03 * float(full.image[usable].max())
+    ratio = got.variance[usable] / full.variance[usable]
+    assert float(np.median(ratio)) == pytest.approx(1, rel=0.02)
+    # Where the direct warp has no data, the shifted prewarp says so too (both take the
+    # mask from 4×4-binned planes: their edges may differ by a binned pixel).
+    nodata = np.uint16(Mask.NO_DATA)
+    got_nodata = ndi.binary_dilation((got.mask & nodata) != 0, np.ones((9, 9), bool))
+    assert not (((full.mask & nodata) != 0) & ~got_nodata).any()
+    # At the stored patch's edge (the test stores one patch) the prewarp's enlarged grid
+    # may leave a little more without data; never much more.
+    frac = (got.mask & nodata).astype(bool).mean() - (full.mask & nodata).astype(bool).mean()
+    assert frac < 0.02
+
+    # What it refuses: a rotation (not a shift), a pointing error past the margin, nothing.
+    turned = from_prewarped(where, _shifted(predicted, 1.0, 1.0, rot_deg=0.05), shape)
+    assert isinstance(turned, PrewarpMiss)
+    assert "departs from a shift" in turned.reason
+    far = from_prewarped(where, _shifted(predicted, MARGIN + 1.5, 0.0), shape)
+    assert isinstance(far, PrewarpMiss)
+    assert "past the prewarp's 64-pixel margin" in far.reason
+    none = from_prewarped(tmp_path / "nothing", fitted, shape)
+    assert isinstance(none, PrewarpMiss)
+    assert "no prewarped template" in none.reason
+    other = from_prewarped(where, fitted, (shape[0] - 2, shape[1]))
+    assert isinstance(other, PrewarpMiss)
+    assert "another grid" in other.reason

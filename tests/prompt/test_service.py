@@ -482,3 +482,39 @@ def test_cli_reports_visits_and_detectors(facility: Facility, make_service: Any)
     out = runner.invoke(app, ["prompt", "detectors", "1"])
     assert out.exit_code == 2
     assert out.stderr.strip() == "error: no detectors of exposure 1 in Prompt Processing"
+
+
+def test_idle_workers_prewarp_templates_the_detectors_then_use(
+    facility: Facility, make_service: Any
+) -> None:
+    from tests.prompt.conftest import write_raws
+
+    svc = make_service()
+    visit = facility.visits[0]
+    assert visit.band
+    svc.on_next_visit(visit.model_dump(mode="json"), detectors=DETECTORS)
+    # During the exposure: no detector to run, so the idle workers prewarp the templates.
+    assert svc.run(until_idle=True) == 0
+    assert svc.prewarp_counts == {"done": len(DETECTORS), "failed": 0, "skipped": 0}
+    scratch = InputPaths(svc.preloader.scratch_for(visit.exposure_id))
+    for det in DETECTORS:
+        assert (scratch.prewarped(det, visit.band) / "meta.json").exists()
+    raws = write_raws(facility, visit)
+    svc.on_end_readout(visit.exposure_id, time.time())
+    for det, path in raws.items():
+        svc.on_image(visit.exposure_id, det, path)
+    assert svc.run(until_idle=True) == len(DETECTORS)
+    jobs = svc.store.jobs(visit.exposure_id)
+    assert {j["state"] for j in jobs} == {"done"}, [j["reason"] for j in jobs]
+    assert all(j["template_prewarped"] for j in jobs)
+    assert all("template" in j["stage_s"] and j["n_alerts"] > 0 for j in jobs)
+    (report,) = svc.reports()
+    assert report.templates_prewarped == len(DETECTORS)
+    assert not scratch.root.exists()  # the visit's scratch, prewarps included, is removed
+
+    # A visit whose raws arrive before any worker is free skips its prewarps.
+    second = facility.visits[1]
+    announce(svc, second)
+    assert svc.run(until_idle=True) == len(DETECTORS)
+    assert svc.prewarp_counts["skipped"] == len(DETECTORS)
+    assert not any(j["template_prewarped"] for j in svc.store.jobs(second.exposure_id))

@@ -268,6 +268,13 @@ class PromptPolicy(_Policy):
     workers: int = Field(
         default=2, ge=1, description="Warm worker processes (one detector each at a time)."
     )
+    prewarp_templates: bool = Field(
+        default=True,
+        description="On nextVisit, idle workers warp each detector's template onto the grid "
+        "the commanded pointing predicts; the detector then only shifts it by the pointing "
+        "error (~0.3 s instead of a ~2.5 s warp at full size). Detectors whose raw arrives "
+        "first, or whose fitted WCS is not a shift of the predicted one, warp in full.",
+    )
     max_attempts: int = Field(
         default=2, ge=1, description="Tries of a detector whose worker died before it is failed."
     )

@@ -100,6 +100,10 @@ class InputPaths:
         """Local alert sink (until the distribution service takes alerts)."""
         return self.root / "alerts" / "outbox"
 
+    def prewarped(self, detector: str, band: str) -> Path:
+        """A detector's template warped onto its predicted grid (a visit's scratch only)."""
+        return self.root / "prewarped" / f"{detector}-{band}"
+
     def calib(self, instrument: str, detector: str, kind: str, band: str | None = None) -> Path:
         """Path of one master calibration."""
         return self.calibs / instrument / detector / calib_filename(kind, band)

@@ -78,6 +78,7 @@ class SQLJob(Base):
     n_new_objects: Mapped[int] = mapped_column(Integer, default=0)
     n_alerts: Mapped[int] = mapped_column(Integer, default=0)
     apdb_store: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    template_prewarped: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     offline: Mapped[bool] = mapped_column(Boolean, default=False)
 
 

@@ -5,7 +5,10 @@ Flow
     detectors' inputs into the visit's scratch directory (:class:`~ldf.prompt.inputs.Preloader`);
     ``on_end_readout`` records the end of readout (the latency clock starts there);
     ``on_image`` queues a detector whose raw is in the OODS. :meth:`PromptService.run`
-    dispatches queued detectors to the warm pool, records outcomes, applies the timeout and
+    dispatches queued detectors to the warm pool first; a worker with no detector to run
+    prewarps a template of an announced visit whose raw has not arrived
+    (:mod:`ldf.pipelines.prewarp`: the detector then shifts it instead of warping). It
+    records outcomes, applies the timeout and
     backlog policies, and retries a detector whose worker died. QA parameters come back
     through a queue as soon as a worker has them and go to the telemetry outbox, from which
     the telemetry interface (``publish_telemetry``) takes them; while it is unavailable they
@@ -28,6 +31,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -47,6 +51,7 @@ from ldf.prompt.models import (
     DetectorOutcome,
     JobState,
     NextVisit,
+    PrewarpJob,
     VisitReport,
 )
 from ldf.prompt.pool import WarmPool
@@ -98,6 +103,10 @@ class PromptService:
         self._qa_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._inflight: dict[Future[str], dict[str, Any]] = {}
+        self._prewarps: deque[PrewarpJob] = deque()
+        self.prewarp_counts = {"done": 0, "failed": 0, "skipped": 0}
+        """Template prewarps finished, failed (the detector warps in full) and skipped (its
+        raw arrived first)."""
         self._idle = threading.Event()
         self._idle.set()
         self._last_flush = 0.0
@@ -148,6 +157,24 @@ class PromptService:
             _log.warning("preload of %s failed: %s", visit.exposure_id, exc)
             report = {"error": str(exc), "detectors": {}}
         self.store.set_preloaded(visit.exposure_id, report)
+        if self.policy.prewarp_templates and visit.is_science and visit.band:
+            for det in dets:
+                if (report.get("detectors") or {}).get(det, {}).get("missing"):
+                    continue  # the detector will fail with the preload's reason
+                self._prewarps.append(
+                    PrewarpJob(
+                        instrument=visit.instrument,
+                        exposure_id=visit.exposure_id,
+                        detector=det,
+                        band=visit.band,
+                        ra_deg=visit.ra_deg,
+                        dec_deg=visit.dec_deg,
+                        rot_sky_deg=visit.rot_sky_deg,
+                        scratch=str(scratch),
+                        home=str(self.settings.home),
+                        camera_scale=self.camera_scale,
+                    )
+                )
         return True
 
     def _detectors(self, payload: dict[str, Any]) -> list[str]:
@@ -258,6 +285,8 @@ class PromptService:
                 if job is None:
                     break
                 self._submit(job, offline=offline)
+            if not offline:
+                self._submit_prewarps()
             if not self._inflight:
                 self._idle.set()
                 if until_idle:
@@ -345,6 +374,31 @@ class PromptService:
         future = self._pool.submit(process_detector, spec.model_dump_json())
         self._inflight[future] = job
 
+    def _submit_prewarps(self) -> None:
+        """Give workers that have no detector to run a template to prewarp (oldest visit
+        first; a detector whose raw already arrived is skipped)."""
+        assert self._pool is not None
+        waiting: dict[int, set[str]] = {}
+        while self._prewarps and len(self._inflight) < self._pool.workers:
+            pj = self._prewarps.popleft()
+            if pj.exposure_id not in waiting:
+                waiting[pj.exposure_id] = {
+                    j["detector"]
+                    for j in self.store.jobs(pj.exposure_id)
+                    if j["state"] == JobState.WAITING.value
+                }
+            if pj.detector not in waiting[pj.exposure_id]:
+                self.prewarp_counts["skipped"] += 1
+                continue
+            from ldf.prompt.worker import prewarp_template
+
+            future = self._pool.submit(prewarp_template, pj.model_dump_json())
+            self._inflight[future] = {
+                "kind": "prewarp",
+                "exposure_id": pj.exposure_id,
+                "detector": pj.detector,
+            }
+
     def _current_snapshot(
         self, job: dict[str, Any], visit: dict[str, Any] | None, *, offline: bool
     ) -> str | None:
@@ -372,6 +426,19 @@ class PromptService:
 
     def _collect(self, future: Future[str]) -> int:
         job = self._inflight.pop(future)
+        if job.get("kind") == "prewarp":
+            try:
+                result = json.loads(future.result())
+            except BrokenProcessPool:
+                return self._worker_died(job)
+            self.prewarp_counts["done" if result["ok"] else "failed"] += 1
+            if not result["ok"]:
+                _log.info(
+                    "%s %s: template not prewarped (%s); it will be warped after the raw",
+                    job["exposure_id"], job["detector"], result["reason"],
+                )  # fmt: skip
+            self._maybe_cleanup(job["exposure_id"])  # a visit finished while it ran
+            return 0
         try:
             outcome = DetectorOutcome.model_validate_json(future.result())
         except BrokenProcessPool:
@@ -384,7 +451,7 @@ class PromptService:
         assert self._pool is not None
         self._pool.replace()
         # Every future in flight failed with the pool: retry each (or report it).
-        lost = [job, *self._inflight.values()]
+        lost = [j for j in (job, *self._inflight.values()) if j.get("kind") != "prewarp"]
         self._inflight.clear()
         for j in lost:
             if j["attempts"] >= self.policy.max_attempts:
@@ -543,6 +610,7 @@ def _report(visit: dict[str, Any], jobs: list[dict[str, Any]]) -> VisitReport:
         skipped=states.count(JobState.SKIPPED.value),
         offline=states.count(JobState.OFFLINE.value),
         alerts=sum(int(j["n_alerts"]) for j in jobs),
+        templates_prewarped=sum(bool(j.get("template_prewarped")) for j in jobs),
         latency_p50_s=round(float(np.percentile(arr, 50)), 3) if len(arr) else None,
         latency_p98_s=round(float(np.percentile(arr, 98)), 3) if len(arr) else None,
         within_ott1=round(float(np.mean(arr <= OTT1_S)), 4) if len(arr) else None,

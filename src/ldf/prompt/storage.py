@@ -204,6 +204,7 @@ class PromptStore(SqlStore):
             row.n_alerts = outcome.n_alerts
             row.apdb_store = outcome.apdb_store
             row.alerts_handed_unix = outcome.alerts_handed_unix
+            row.template_prewarped = outcome.template_prewarped
             row.finished_unix = finished_unix if finished_unix is not None else time.time()
 
     def requeue(self, exposure_id: int, detector: str, *, reason: str) -> None:

@@ -13,6 +13,7 @@ FAILED outcome naming the stage and the reason, never an exception that kills th
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
@@ -31,6 +32,7 @@ from ldf.pipelines import (
     dia,
     diffim,
     isr,
+    prewarp,
     refcat,
     templates,
 )
@@ -38,9 +40,9 @@ from ldf.pipelines.singleframe import StageTimer, plain_quality, single_frame
 from ldf.pipelines.types import DetectorError, VisitInfo
 from ldf.prompt import validation
 from ldf.prompt.inputs import InputPaths, load_snapshot
-from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState
+from ldf.prompt.models import DetectorJob, DetectorOutcome, JobState, PrewarpJob
 
-__all__ = ["init_worker", "process_detector"]
+__all__ = ["init_worker", "prewarp_template", "process_detector"]
 
 _qa_queue: Any = None
 
@@ -75,6 +77,29 @@ def process_detector(job_json: str) -> str:
         last = traceback.extract_tb(exc.__traceback__)[-1]
         outcome.reason = f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
     return outcome.model_dump_json()
+
+
+def prewarp_template(job_json: str) -> str:
+    """Warp a detector's template onto the grid its commanded pointing predicts (run by an
+    idle worker on nextVisit; see :mod:`ldf.pipelines.prewarp`). Returns a JSON report
+    ``{"ok", "seconds", "reason"}``; never raises (a failed prewarp only means the detector
+    warps its template after the raw arrives, and reports any real problem then)."""
+    from ldf.sim.instruments import get_instrument
+    from ldf.sim.wcs import detector_wcs
+
+    job = PrewarpJob.model_validate_json(job_json)
+    t0 = time.perf_counter()
+    try:
+        camera = get_instrument(job.instrument, job.camera_scale)
+        det = camera.detector(job.detector)
+        wcs = detector_wcs(camera, det, job.ra_deg, job.dec_deg, job.rot_sky_deg)
+        local, home = InputPaths(Path(job.scratch)), InputPaths(Path(job.home))
+        store = templates.TemplateStore(_first_existing(local.templates, home.templates))
+        prewarp.prewarp(store, job.band, wcs, (det.ny, det.nx), local.prewarped(det.name, job.band))
+    except Exception as exc:  # DetectorError, a missing file, a bug: the detector warps later
+        reason = exc.reason if isinstance(exc, DetectorError) else f"{type(exc).__name__}: {exc}"
+        return json.dumps({"ok": False, "seconds": time.perf_counter() - t0, "reason": reason})
+    return json.dumps({"ok": True, "seconds": time.perf_counter() - t0, "reason": None})
 
 
 def _run(job: DetectorJob, outcome: DetectorOutcome, timer: StageTimer) -> None:
@@ -128,11 +153,19 @@ def _back_end(
 ) -> None:
     from astropy.time import Time
 
-    with timer("diffim"):
-        store = templates.TemplateStore(_first_existing(local.templates, home.templates))
+    with timer("template"):
         if not info.band:
             raise DetectorError("diffim", "the raw header names no band (FILTBAND)")
-        template = store.warp_to(info.band, science.wcs, science.shape, info=info)
+        got = prewarp.from_prewarped(
+            local.prewarped(job.detector, info.band), science.wcs, science.shape, info=info
+        )
+        if isinstance(got, prewarp.PrewarpMiss):
+            store = templates.TemplateStore(_first_existing(local.templates, home.templates))
+            template = store.warp_to(info.band, science.wcs, science.shape, info=info)
+        else:
+            template = got
+            outcome.template_prewarped = True
+    with timer("diffim"):
         diff = diffim.subtract(science, template, sources=char.sources)
         # The usable area of the difference, for science validation (~10 kB, ~40 ms full size).
         validation.save_coverage(
