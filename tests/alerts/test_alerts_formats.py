@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ldf.alerts import formats
+from ldf.alerts import formats, transcode
 from ldf.alerts.synthetic import make_alert
 from ldf.pipelines.alertpacket import AlertPacketError, AlertSchema
 from tests.alerts.conftest import VISIT
@@ -278,11 +278,11 @@ def _convert_both_ways(
     raw = buf.getvalue()
     names = (s["__named_schemas"], t["__named_schemas"])
     try:
-        steps = formats._walk_of(formats._plan(s, t, names, frozenset()))
-    except formats._UnsupportedError:
+        steps = transcode._walk_of(transcode._plan(s, t, names, frozenset()))
+    except transcode._UnsupportedError:
         fast = None
     else:
-        fast = formats._rewrite(steps, raw, 0, b"")
+        fast = transcode.rewrite(steps, raw, 0, b"")
     value = fastavro.schemaless_reader(io.BytesIO(raw), s, None)
     out = io.BytesIO()
     fastavro.schemaless_writer(out, t, formats._fit(value, t, {}))
@@ -366,5 +366,5 @@ def test_schema_changes_the_walk_converts(
 )
 def test_schema_changes_left_to_the_decoder(source: dict[str, Any], target: dict[str, Any]) -> None:
     s, t = fastavro.parse_schema(source), fastavro.parse_schema(target)
-    with pytest.raises(formats._UnsupportedError):
-        formats._plan(s, t, (s["__named_schemas"], t["__named_schemas"]), frozenset())
+    with pytest.raises(transcode._UnsupportedError):
+        transcode._plan(s, t, (s["__named_schemas"], t["__named_schemas"]), frozenset())
