@@ -10,6 +10,7 @@ import pytest
 from ldf.alerts import formats
 from ldf.alerts.models import FeedFormat, FeedSpec, ReplaySpec, manifest_checksum
 from ldf.alerts.service import AlertService
+from ldf.alerts.storage import AlertStore
 from ldf.alerts.synthetic import alert_id_for
 from ldf.errors import NotFoundError, StateError, UserInputError
 from ldf.pipelines.alertpacket import AlertPacketError, AlertSchema, LocalAlertSink
@@ -245,3 +246,53 @@ async def test_wait_ignores_entries_for_other_feeds(service: AlertService) -> No
     assert await service.wait("b", 0, 0.3) is True
     service.ingest(packets(VISIT, 1, start=3))
     assert await service.wait("a", last, 0.3) is True
+
+
+def test_log_tail_in_memory_reads_exactly_what_the_database_holds(
+    service: AlertService, store_url: str
+) -> None:
+    store = service.store
+    # Live alerts, a manifest, a replay addressed to one feed (not recorded in the tail: a
+    # gap), alerts of a second store writing the same log (another gap), more alerts.
+    service.ingest(packets(VISIT, 5))
+    service.close_visit(VISIT)
+    service.ingest(packets(VISIT + 1, 4))
+    service.replay(ReplaySpec(feed="r", visits=[VISIT]), actor="a")
+    service.ingest(packets(VISIT + 2, 3))
+    other = AlertStore.open(store_url)
+    try:
+        AlertService(other, service.root.parent / "other-alerts").ingest(packets(VISIT + 3, 2))
+    finally:
+        other.close()
+    service.ingest(packets(VISIT + 4, 3))
+    service.close_visit(VISIT + 4)
+    head = store.head()
+    assert head >= 5 + 1 + 4 + 3 + 2 + 3 + 1
+    # The tail holds the run since the other store's write: that store's visit's manifest
+    # and the last batch.
+    run = [r["position"] for r in store.tail.rows]
+    assert run == list(range(head - 3, head + 1))
+    # Entries addressed to one feed written after the run (a replay's): past the run's end.
+    service.replay(ReplaySpec(feed="r", visits=[VISIT + 1]), actor="a")
+    head = store.head()
+    tail = store.tail
+    compared = 0
+    for feed, live in (("live", True), ("r", True), ("r", False)):
+        for after in range(head + 1):
+            for limit in (1, 2, 50):
+                got = store.read_log(feed, live, after, limit)
+                store.tail = type(tail)(0)  # the database alone
+                try:
+                    want = store.read_log(feed, live, after, limit)
+                finally:
+                    store.tail = tail
+                assert [r["position"] for r in got] == [r["position"] for r in want]
+                assert got == want
+                compared += tail.read(feed, live, after, limit) is not None
+    assert compared == 3 * 4 * 3  # every (feed, after, limit) the run covers
+    assert tail.read("live", True, run[0], 10) is not None  # covered: served from memory
+    assert tail.read("live", True, run[0] - 2, 10) is None  # before the run: database
+    assert tail.read("live", True, run[-1], 10) is None  # at its end: database
+    # Archiving changes committed rows: the tail empties.
+    service.archive_visit(VISIT + 4)
+    assert not tail.rows

@@ -4,12 +4,19 @@ Positions must become visible in order, or a feed could move its cursor past an 
 commits later. Writers of the log are therefore serialized: by ``BEGIN IMMEDIATE`` on SQLite,
 by a transaction-scoped advisory lock on PostgreSQL (released at commit), so commit order is
 position order on both engines.
+
+The log's newest entries are also kept in memory (:class:`_LogTail`) as this store wrote
+them, so feeds reading at the head (all of them, during a visit) do not query the database
+for rows it has just written: that query was ~15 % of the server's CPU with six feeds.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, func, insert, or_, select, text, update
@@ -72,10 +79,87 @@ def _relevant(feed: str, live: bool) -> Any:
     return SQLLog.target == feed
 
 
+def _manifest_row(position: int, manifest: Manifest) -> LogRow:
+    row: LogRow = {c.key: None for c in _ALERT_COLUMNS}
+    row.update(
+        position=position,
+        kind=EntryKind.MANIFEST.value,
+        visit=manifest.visit,
+        alert_id=None,
+        entry_format=None,
+        replay=False,
+        body=manifest.model_dump(mode="json"),
+        created_unix=manifest.closed_unix,
+        target=None,
+    )
+    return row
+
+
+class _LogTail:
+    """The newest log entries this store committed, as :meth:`AlertStore.read_log` returns
+    them, with consecutive positions.
+
+    Exact by construction: it holds one run of consecutive positions, each entry as it was
+    committed, so for ``after`` inside the run the entries after it up to the run's end are
+    exactly the log's; anything past the run's end (another writer's, or an entry this
+    store did not record) is read from the database. A write whose first position does not
+    follow the run (something else wrote in between) starts a new run; anything that
+    changes committed rows (archiving) empties it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: deque[LogRow] = deque()
+        self.lock = threading.Lock()
+
+    def extend(self, rows: Sequence[LogRow]) -> None:
+        if not rows or self.capacity <= 0:
+            return
+        with self.lock:
+            if self.rows and rows[0]["position"] != self.rows[-1]["position"] + 1:
+                self.rows.clear()
+            self.rows.extend(rows)
+            while len(self.rows) > self.capacity:
+                self.rows.popleft()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rows.clear()
+
+    def read(
+        self, feed: str, live: bool, after: int, limit: int
+    ) -> tuple[list[LogRow], int] | None:
+        """If the run covers ``after``: the feed's entries of the run after it (at most
+        ``limit``) and the last position they account for (the run's end unless ``limit``
+        stopped them); entries after that position are the database's. Else None."""
+        with self.lock:
+            if not self.rows:
+                return None
+            first, last = self.rows[0]["position"], self.rows[-1]["position"]
+            if not first - 1 <= after < last:
+                return None
+            out: list[LogRow] = []
+            for row in islice(self.rows, after + 1 - first, None):
+                target = row["target"]
+                if (target is None and live) or target == feed:
+                    out.append(row)
+                    if len(out) >= limit:
+                        return out, row["position"]
+            return out, last
+
+
+_TAIL_ENTRIES = 200_000
+"""Log entries kept in memory (~0.2 GB of row dicts: five 40,000-alert visits)."""
+
+
 class AlertStore(SqlStore):
     """SQL store of alert distribution (SQLite or PostgreSQL)."""
 
     package = "ldf.alerts"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tail = _LogTail(_TAIL_ENTRIES)
 
     def _lock_log(self, s: Session) -> None:
         if s.bind is not None and s.bind.dialect.name == "postgresql":
@@ -165,6 +249,41 @@ class AlertStore(SqlStore):
                     "an alertId was stored concurrently: is a second alert service writing "
                     "this log?"
                 ) from exc
+        # Committed: the rows as read_log would return them.
+        self.tail.extend(
+            [
+                {
+                    "position": pos,
+                    "kind": EntryKind.ALERT.value,
+                    "visit": m.visit,
+                    "alert_id": m.alert_id,
+                    "entry_format": None,
+                    "replay": False,
+                    "body": None,
+                    "created_unix": now,
+                    "target": None,
+                    "segment": loc[0],
+                    "offset": loc[1],
+                    "length": loc[2],
+                    "schema_id": m.schema_id,
+                    "detector": m.detector,
+                    "dia_object_id": m.dia_object_id,
+                    "ra": m.ra,
+                    "dec": m.dec,
+                    "band": m.band,
+                    "mjd": m.mjd,
+                    "psf_flux": m.psf_flux,
+                    "psf_flux_err": m.psf_flux_err,
+                    "snr": m.snr,
+                    "reliability": m.reliability,
+                    "archive_file": None,
+                    "archive_offset": None,
+                    "archive_length": None,
+                    "ingest_unix": now,
+                }
+                for m, loc, pos in zip(metas, locations, positions, strict=True)
+            ]
+        )
         return positions
 
     def add_copies(
@@ -242,6 +361,12 @@ class AlertStore(SqlStore):
 
         Returns the manifest and whether a new revision was appended.
         """
+        manifest, position = self._close_visit(visit)
+        if position is not None:  # committed: the entry as read_log would return it
+            self.tail.extend([_manifest_row(position, manifest)])
+        return manifest, position is not None
+
+    def _close_visit(self, visit: int) -> tuple[Manifest, int | None]:
         now = time.time()
         with self._session() as s, s.begin():
             self._lock_log(s)
@@ -257,7 +382,7 @@ class AlertStore(SqlStore):
                         revision=row.revision,
                         closed_unix=row.closed_unix,
                     ),
-                    False,
+                    None,
                 )
             revision = 1 if row is None else row.revision + 1
             manifest = Manifest(
@@ -289,7 +414,7 @@ class AlertStore(SqlStore):
             else:
                 row.revision, row.count, row.checksum = revision, len(ids), checksum
                 row.closed_unix, row.position = now, entry.position
-            return manifest, True
+            return manifest, entry.position
 
     def add_feed_manifest(self, target: str, manifest: Manifest, *, replay: bool) -> None:
         """Append a manifest addressed to one feed (a replay's or a filtered feed's)."""
@@ -342,7 +467,20 @@ class AlertStore(SqlStore):
             return int(s.scalar(select(func.max(SQLLog.position))) or 0)
 
     def read_log(self, feed: str, live: bool, after: int, limit: int) -> list[LogRow]:
-        """Entries presented to a feed after a position, in order, with their alerts' index."""
+        """Entries presented to a feed after a position, in order, with their alerts' index.
+
+        The rows are shared with the in-memory tail: callers must not modify them.
+        """
+        cached = self.tail.read(feed, live, after, limit)
+        if cached is None:
+            return self._read_log(feed, live, after, limit)
+        rows, upto = cached
+        if len(rows) >= limit:
+            return rows
+        # Past the run: entries others wrote (or this store did not record), if any.
+        return rows + self._read_log(feed, live, upto, limit - len(rows))
+
+    def _read_log(self, feed: str, live: bool, after: int, limit: int) -> list[LogRow]:
         stmt = (
             select(
                 SQLLog.position,
@@ -353,6 +491,7 @@ class AlertStore(SqlStore):
                 SQLLog.replay,
                 SQLLog.body,
                 SQLLog.created_unix,
+                SQLLog.target,
                 *_ALERT_COLUMNS,
             )
             .outerjoin(SQLAlert, SQLAlert.alert_id == SQLLog.alert_id)
@@ -481,6 +620,7 @@ class AlertStore(SqlStore):
 
     def set_archived(self, locations: Sequence[tuple[int, str, int, int]]) -> None:
         """Record where alerts are archived: (alert_id, file, offset, length)."""
+        self.tail.clear()  # its rows say "not archived"; the segments may go now
         with self._session() as s, s.begin():
             for alert_id, name, offset, length in locations:
                 s.execute(
