@@ -91,7 +91,7 @@ import sys  # noqa: E402
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):  # == ldf.prompt.pool's
     os.environ.update(_MALLOC_ENV)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.execv(sys.executable, [sys.executable, *sys.argv])  # noqa: S606 (this script again)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -623,9 +623,9 @@ def main() -> None:
         help="Warp templates after the raw (no prewarp on nextVisit): the old path.",
     )
     args = parser.parse_args()
-    from ldf.prompt.pool import _MALLOC_ENV as pool_malloc
+    from ldf.prompt.pool import _MALLOC_ENV as POOL_MALLOC_ENV
 
-    if pool_malloc != _MALLOC_ENV:
+    if POOL_MALLOC_ENV != _MALLOC_ENV:
         raise RuntimeError("benchmarks/prompt.py's _MALLOC_ENV differs from ldf.prompt.pool's")
     for name in ("detectors", "repeats"):
         if getattr(args, name) < 1:

@@ -289,7 +289,16 @@ def test_log_tail_in_memory_reads_exactly_what_the_database_holds(
                 assert [r["position"] for r in got] == [r["position"] for r in want]
                 assert got == want
                 compared += tail.read(feed, live, after, limit) is not None
+            for upto in range(after, head + 1):
+                n = store.count_between(feed, live, after, upto)
+                store.tail = type(tail)(0)
+                try:
+                    assert n == store.count_between(feed, live, after, upto)
+                finally:
+                    store.tail = tail
     assert compared == 3 * 4 * 3  # every (feed, after, limit) the run covers
+    assert tail.count("live", True, run[0] - 1, run[-1]) == 4
+    assert tail.count("live", True, run[0] - 2, run[-1]) is None
     assert tail.read("live", True, run[0], 10) is not None  # covered: served from memory
     assert tail.read("live", True, run[0] - 2, 10) is None  # before the run: database
     assert tail.read("live", True, run[-1], 10) is None  # at its end: database

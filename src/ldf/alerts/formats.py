@@ -398,7 +398,15 @@ def frame(deliveries: list[Delivery]) -> bytes:
     """Frame a batch of deliveries for the HTTP transport."""
     parts: list[bytes] = []
     for d in deliveries:
-        header = json.dumps(d.header(), separators=(",", ":")).encode()
+        if d.kind == "alert" and not d.replay and not d.headers and d.alert_id is not None:
+            # The common entry's header by formatting: json.dumps was 10 % of a server's CPU.
+            header = (
+                f'{{"position":{d.position:d},"kind":"alert","visit":{d.visit:d},'
+                f'"format":"{d.format}","alert_id":{d.alert_id:d}'
+                + (f',"schema_id":{d.schema_id:d}}}' if d.schema_id is not None else "}")
+            ).encode()
+        else:
+            header = json.dumps(d.header(), separators=(",", ":")).encode()
         parts += [_LEN.pack(len(header)), header, _LEN.pack(len(d.body)), d.body]
     return b"".join(parts)
 

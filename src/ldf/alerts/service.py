@@ -381,11 +381,15 @@ class AlertService:
         if position <= feed.cursor:
             return feed
         count = self.store.count_between(name, feed.live, feed.cursor, position)
-        self.store.ack(name, position, count)
+        old, new = self.store.ack(name, position, count)
         now = time.time()
         rate = self._rates.setdefault(name, collections.deque(maxlen=4096))
         rate.append((now, count))
-        return self.store.feed(name)
+        if old != feed.cursor:  # another ack moved it meanwhile: read what it is now
+            return self.store.feed(name)
+        return feed.model_copy(
+            update={"cursor": new, "delivered": feed.delivered + count, "last_ack_unix": now}
+        )
 
     # -- replay ---------------------------------------------------------------------------
 

@@ -147,6 +147,20 @@ class _LogTail:
                         return out, row["position"]
             return out, last
 
+    def count(self, feed: str, live: bool, after: int, upto: int) -> int | None:
+        """Entries of the feed in positions (after, upto] if the run holds them all."""
+        with self.lock:
+            if not self.rows:
+                return None
+            first, last = self.rows[0]["position"], self.rows[-1]["position"]
+            if not (first - 1 <= after and upto <= last):
+                return None
+            n = 0
+            for row in islice(self.rows, after + 1 - first, max(upto + 1 - first, 0)):
+                target = row["target"]
+                n += (target is None and live) or target == feed
+            return n
+
 
 _TAIL_ENTRIES = 200_000
 """Log entries kept in memory (~0.2 GB of row dicts: five 40,000-alert visits)."""
@@ -515,6 +529,9 @@ class AlertStore(SqlStore):
 
     def count_between(self, feed: str, live: bool, after: int, upto: int) -> int:
         """Entries presented to a feed in positions (after, upto]."""
+        cached = self.tail.count(feed, live, after, upto)
+        if cached is not None:
+            return cached
         with self._reader() as s:
             return int(
                 s.scalar(
