@@ -230,6 +230,14 @@ def print_prompt_summary(summary: dict[str, Any], console: Any) -> None:
             "-" if r["within_ott1"] is None else f"{100 * r['within_ott1']:.0f}%",
         )
     console.print(table)
+    science = [r for r in summary["visits"] if r["obs_type"] == "science"]
+    if science:
+        done = sum(r["done"] for r in science)
+        pre = sum(r.get("templates_prewarped", 0) for r in science)
+        console.print(
+            f"Templates prewarped on nextVisit: {pre} of {done} science detectors "
+            "(the rest warped theirs after the raw arrived)"
+        )
     v = summary["validation"]
     if v.get("detector_visits"):
         rec = "-" if v["recovery"] is None else f"{100 * v['recovery']:.1f} %"
