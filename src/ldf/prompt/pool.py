@@ -93,7 +93,14 @@ class WarmPool:
 
     def _replace_locked(self) -> None:
         old = self._executor
+        survivors = list((getattr(old, "_processes", None) or {}).values())
         old.shutdown(wait=False, cancel_futures=True)
+        # A broken pool's surviving workers can wait on its call queue for ever (the
+        # forkserver keeps a copy of the pipe open): stop them, or each breakage leaves a
+        # process behind.
+        for proc in survivors:
+            if proc.is_alive():
+                proc.kill()
         self._executor = self._new_executor()
         self.restarts += 1
 
