@@ -186,6 +186,44 @@ def test_stalled_feed_backlog_is_bounded(
 
 
 @pytest.mark.nats
+def test_stalled_broker_lag_counts_what_jetstream_holds(
+    sqlite_service: AlertService, names: NatsNames, tmp_path: Path
+) -> None:
+    """Everything fits in JetStream (the default max_backlog): the service's own lag is 0,
+    but the feed's lag is the broker's, and its alarm fires; once read, it clears."""
+    svc = sqlite_service
+    svc.policy = svc.policy.model_copy(update={"lag_check_s": 0.2})
+    publisher = NatsPublisher(svc, NATS_URL, names=names, discover_s=0.1)
+    with PublisherThread(publisher) as thread:
+        svc.create_feed(FeedSpec(name="fink-full", broker="fink", transport="nats",
+                                 lag_alarm_entries=30, lag_alarm_s=3600))  # fmt: skip
+        thread.ensure_feed("fink-full")
+        svc.ingest(packets(VISIT, 50))
+        svc.close_visit(VISIT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            feed = svc.feed("fink-full")
+            st = svc.feed_status(feed)
+            if feed.cursor == svc.head() and st.lag_entries == 51:
+                break
+            time.sleep(0.1)
+        assert feed.cursor == svc.head()  # all of it published: nothing left in the service
+        assert st.lag_entries == 51  # all of it waiting for the broker in JetStream
+        assert st.lagging
+        assert [name for name, lagging, _ in svc.check_lag() if lagging] == ["fink-full"]
+        got = consume(
+            NatsFeedSource(NATS_URL, "fink", "fink-full", names=names), tmp_path / "a.db",
+            manifests(1), max_entries=50,
+        )  # fmt: skip
+        assert len(got) == 51
+        deadline = time.monotonic() + 20
+        while svc.feed_status(svc.feed("fink-full")).lag_entries and time.monotonic() < deadline:
+            time.sleep(0.1)
+        st = svc.feed_status(svc.feed("fink-full"))
+        assert (st.lag_entries, st.lagging) == (0, False)
+
+
+@pytest.mark.nats
 def test_entry_missing_from_jetstream_is_skipped_with_an_error(
     sqlite_service: AlertService, names: NatsNames, caplog: pytest.LogCaptureFixture
 ) -> None:

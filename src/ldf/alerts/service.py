@@ -84,6 +84,7 @@ class AlertService:
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self._lagging: set[str] = set()
         self._last_fetch: dict[str, float] = {}
+        self._transport_backlog: dict[str, tuple[int, float | None, float]] = {}
         self.lag_listeners: list[LagListener] = []
 
     @classmethod
@@ -485,14 +486,31 @@ class AlertService:
 
     # -- status and lag -------------------------------------------------------------------
 
+    def set_transport_backlog(self, name: str, entries: int, last_ack_unix: float | None) -> None:
+        """What a feed's transport holds that its broker has not acknowledged (NATS: the
+        consumer's pending and unacknowledged messages) and when the broker last acknowledged
+        something there; counted in the feed's lag (set by the NATS publisher)."""
+        self._transport_backlog[name] = (entries, last_ack_unix, time.time())
+
     def feed_status(self, feed: Feed, head: int | None = None) -> FeedStatus:
-        """The audit figures of one feed."""
+        """The audit figures of one feed.
+
+        For a NATS feed the lag adds what JetStream holds for the broker (as last reported
+        by the publisher) to what the service has not yet published.
+        """
         if head is None or not feed.live:
             head = self.store.feed_head(feed.name, feed.live)
         first = self.store.first_after(feed.name, feed.live, feed.cursor)
         now = time.time()
         lag_s = 0.0 if first is None else max(0.0, now - first[1])
         backlog = 0 if first is None else self.store.feed_backlog(feed.name, feed.live, feed.cursor)
+        held = self._transport_backlog.get(feed.name)
+        if held is not None and feed.transport == "nats" and held[0] > 0:
+            entries, last_ack, reported = held
+            backlog += entries
+            # Waiting since the broker's last acknowledgement (or since it was first seen).
+            since = last_ack if last_ack is not None else feed.created_unix
+            lag_s = max(lag_s, now - since if now - reported < 60.0 else 0.0)
         samples = self._rates.get(feed.name, ())
         recent = [(t, n) for t, n in samples if now - t <= 60.0]
         rate = 0.0

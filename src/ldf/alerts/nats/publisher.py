@@ -244,6 +244,7 @@ class NatsPublisher:
         self._head = await self._db(self.service.head, max_age_s=0.0)
         watcher = asyncio.create_task(self._watch_head(stop), name="alerts-nats-head")
         known: dict[str, Feed] = {}
+        backlogs = asyncio.create_task(self._watch_backlogs(stop, known), name="alerts-nats-lag")
         try:
             while not stop.is_set():
                 try:
@@ -254,7 +255,8 @@ class NatsPublisher:
                     await asyncio.wait_for(stop.wait(), self.discover_s)
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            backlogs.cancel()
+            await asyncio.gather(watcher, backlogs, return_exceptions=True)
             await self._stop_pumps()
 
     async def _stop_pumps(self) -> None:
@@ -300,6 +302,29 @@ class NatsPublisher:
                     self._head = head
                     self._head_cond.notify_all()
             await asyncio.sleep(self.poll_s)
+
+    async def _watch_backlogs(self, stop: asyncio.Event, known: dict[str, Feed]) -> None:
+        """Tell the service each NATS feed's backlog in JetStream, every lag check.
+
+        The service's cursor of a NATS feed only says what is safely in JetStream; what the
+        broker has not acknowledged yet is its consumer's ``num_pending + num_ack_pending``,
+        and the time since it last acknowledged anything. Without these a stalled broker's
+        lag would stay at zero while JetStream filled up to ``max_backlog``.
+        """
+        while not stop.is_set():
+            for name, feed in list(known.items()):
+                try:
+                    info = await self.js.consumer_info(self.names.stream(feed.broker), name)
+                except Exception as exc:  # the server restarting, the feed just deleted
+                    _log.debug("consumer info of %s: %s", name, exc)
+                    continue
+                pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+                last = info.ack_floor.last_active if info.ack_floor is not None else None
+                self.service.set_transport_backlog(
+                    name, pending, last.timestamp() if last is not None else None
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.service.policy.lag_check_s)
 
     async def _wait_head(self, seen: int, timeout_s: float = 1.0) -> None:
         """Return once the log's head is past ``seen`` (or after ``timeout_s``, to recheck)."""
