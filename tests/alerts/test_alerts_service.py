@@ -305,3 +305,32 @@ def test_log_tail_in_memory_reads_exactly_what_the_database_holds(
     # Archiving changes committed rows: the tail empties.
     service.archive_visit(VISIT + 4)
     assert not tail.rows
+
+
+def test_transport_backlog_counts_in_a_nats_feeds_lag(service: AlertService) -> None:
+    import time
+
+    service.create_feed(FeedSpec(name="n", broker="b", transport="nats", lag_alarm_s=1.0))
+    service.create_feed(FeedSpec(name="h", broker="b"))
+    assert service.feed_status(service.feed("n")).lag_entries == 0
+    # A new visit's backlog after a quiet spell: the broker's last ack is old, but nothing
+    # has waited yet.
+    long_ago = time.time() - 600
+    service.set_transport_backlog("n", 10, long_ago)
+    st = service.feed_status(service.feed("n"))
+    assert st.lag_entries == 10
+    assert st.lag_s < 1.0
+    assert not st.lagging
+    time.sleep(1.2)
+    service.set_transport_backlog("n", 10, long_ago)  # the broker still acks nothing
+    st = service.feed_status(service.feed("n"))
+    assert st.lag_s >= 1.2
+    assert st.lagging
+    service.set_transport_backlog("n", 4, time.time())  # reading again
+    assert service.feed_status(service.feed("n")).lag_s < 1.0
+    service.set_transport_backlog("n", 0, time.time())
+    st = service.feed_status(service.feed("n"))
+    assert (st.lag_entries, st.lagging) == (0, False)
+    # Only NATS feeds count it.
+    service.set_transport_backlog("h", 10, long_ago)
+    assert service.feed_status(service.feed("h")).lag_entries == 0

@@ -84,7 +84,7 @@ class AlertService:
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self._lagging: set[str] = set()
         self._last_fetch: dict[str, float] = {}
-        self._transport_backlog: dict[str, tuple[int, float | None, float]] = {}
+        self._transport_backlog: dict[str, tuple[int, float | None, float, float | None]] = {}
         self.lag_listeners: list[LagListener] = []
 
     @classmethod
@@ -490,7 +490,12 @@ class AlertService:
         """What a feed's transport holds that its broker has not acknowledged (NATS: the
         consumer's pending and unacknowledged messages) and when the broker last acknowledged
         something there; counted in the feed's lag (set by the NATS publisher)."""
-        self._transport_backlog[name] = (entries, last_ack_unix, time.time())
+        now = time.time()
+        before = self._transport_backlog.get(name)
+        # Since when entries have been waiting: a backlog that just appeared (a new visit
+        # after a quiet spell) is not a lag of the time since the broker's last ack.
+        waiting = None if entries <= 0 else (before[3] if before and before[3] else now)
+        self._transport_backlog[name] = (entries, last_ack_unix, now, waiting)
 
     def feed_status(self, feed: Feed, head: int | None = None) -> FeedStatus:
         """The audit figures of one feed.
@@ -506,11 +511,13 @@ class AlertService:
         backlog = 0 if first is None else self.store.feed_backlog(feed.name, feed.live, feed.cursor)
         held = self._transport_backlog.get(feed.name)
         if held is not None and feed.transport == "nats" and held[0] > 0:
-            entries, last_ack, reported = held
+            entries, last_ack, reported, waiting = held
             backlog += entries
-            # Waiting since the broker's last acknowledgement (or since it was first seen).
-            since = last_ack if last_ack is not None else feed.created_unix
-            lag_s = max(lag_s, now - since if now - reported < 60.0 else 0.0)
+            # Waiting since the backlog appeared or the broker last acknowledged, whichever
+            # is later (a broker reading steadily has a small lag; a stalled one a growing one).
+            since = max(last_ack or 0.0, waiting or now)
+            if now - reported < 60.0:  # a report that old says nothing any more
+                lag_s = max(lag_s, now - since)
         samples = self._rates.get(feed.name, ())
         recent = [(t, n) for t, n in samples if now - t <= 60.0]
         rate = 0.0
