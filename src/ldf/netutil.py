@@ -5,12 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import uvicorn
 
 from ldf.errors import TransportError
 
-__all__ = ["listen", "serve_app"]
+__all__ = ["QuietServer", "listen", "serve_app"]
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: whoever runs the server decides when to stop
+    (uvicorn would also re-raise the signal after shutting down, killing the process before
+    its own clean-up runs)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def listen(host: str, port: int, *, what: str = "HTTP") -> socket.socket:
@@ -64,8 +76,6 @@ async def serve_app(
     TransportError
         The address cannot be bound.
     """
-    import uvicorn
-
     sock = listen(host, port, what=what)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

@@ -241,7 +241,7 @@ def serve_alerts(
 
         publisher = PublisherThread(
             NatsPublisher(service, policy.nats_url, user=policy.nats_user,
-                          password=policy.nats_password)
+                          password=policy.nats_password, max_backlog=policy.nats_max_backlog)
         ).__enter__()  # fmt: skip
         err_console.print(f"feeds with transport nats are published to {policy.nats_url}")
     try:

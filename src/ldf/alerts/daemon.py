@@ -146,15 +146,23 @@ async def run(
     port: int,
     on_start: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn's handlers), with the background work."""
+    """Serve until SIGINT or SIGTERM, with the background work; then stop it all cleanly
+    (uvicorn's own handlers would re-raise the signal and end the process before that)."""
+    import signal
+
     import uvicorn
+
+    from ldf.netutil import QuietServer
 
     sock = listen(host, port, what="alert distribution")
     config = uvicorn.Config(
         create_app(service, credentials), log_level="info", lifespan="off",
         timeout_graceful_shutdown=5,
     )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     stop = threading.Event()
     threads = _start_background(service, stop)
     if on_start is not None:

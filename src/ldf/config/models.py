@@ -405,6 +405,12 @@ class AlertsPolicy(_Policy):
     )
     nats_user: str | None = Field(default=None, description="The publisher's NATS user.")
     nats_password: str | None = Field(default=None, description="The publisher's NATS password.")
+    nats_max_backlog: int = Field(
+        default=100_000,
+        ge=1,
+        description="Messages of one NATS feed JetStream may hold unread by its broker before "
+        "the publisher pauses that feed (the rest waits in the service's log, on disk).",
+    )
     fetch_url: str = Field(
         default="/alerts/v1/alerts/{alert_id}",
         description="Where a notification says the full packet is ({alert_id} filled in).",

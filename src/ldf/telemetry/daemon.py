@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import uvicorn
 
 from ldf.config import Settings
-from ldf.netutil import listen
+from ldf.netutil import QuietServer, listen
 from ldf.ocs.bus import Bus, open_bus
 from ldf.telemetry.device import TelemetryGatewayDevice
 from ldf.telemetry.handlers import create_app
@@ -21,15 +21,6 @@ from ldf.telemetry.service import TelemetryGateway
 __all__ = ["Served", "run", "serve_gateway"]
 
 _log = logging.getLogger(__name__)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: whoever runs the gateway decides when to stop
-    (uvicorn would also re-raise the signal after shutting down)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass(frozen=True)
@@ -83,7 +74,7 @@ async def serve_gateway(
     )
     sock = listen(host, port, what="the telemetry gateway")
     await device.open()
-    server = _Server(
+    server = QuietServer(
         uvicorn.Config(
             create_app(gateway, device=device),
             log_level="warning",
