@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import islice
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, func, insert, or_, select, text, update
@@ -109,7 +107,8 @@ class _LogTail:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.rows: deque[LogRow] = deque()
+        self.rows: list[LogRow] = []
+        """Consecutive positions; a list, so a read starts at its index in O(1)."""
         self.lock = threading.Lock()
 
     def extend(self, rows: Sequence[LogRow]) -> None:
@@ -117,14 +116,14 @@ class _LogTail:
             return
         with self.lock:
             if self.rows and rows[0]["position"] != self.rows[-1]["position"] + 1:
-                self.rows.clear()
+                self.rows = []
             self.rows.extend(rows)
-            while len(self.rows) > self.capacity:
-                self.rows.popleft()
+            if len(self.rows) > self.capacity + self.capacity // 4:  # trimmed in chunks
+                del self.rows[: len(self.rows) - self.capacity]
 
     def clear(self) -> None:
         with self.lock:
-            self.rows.clear()
+            self.rows = []
 
     def read(
         self, feed: str, live: bool, after: int, limit: int
@@ -139,7 +138,9 @@ class _LogTail:
             if not first - 1 <= after < last:
                 return None
             out: list[LogRow] = []
-            for row in islice(self.rows, after + 1 - first, None):
+            rows = self.rows
+            for i in range(after + 1 - first, len(rows)):
+                row = rows[i]
                 target = row["target"]
                 if (target is None and live) or target == feed:
                     out.append(row)
@@ -156,7 +157,7 @@ class _LogTail:
             if not (first - 1 <= after and upto <= last):
                 return None
             n = 0
-            for row in islice(self.rows, after + 1 - first, max(upto + 1 - first, 0)):
+            for row in self.rows[after + 1 - first : max(upto + 1 - first, 0)]:
                 target = row["target"]
                 n += (target is None and live) or target == feed
             return n
