@@ -130,7 +130,12 @@ class _LogTail:
     ) -> tuple[list[LogRow], int] | None:
         """If the run covers ``after``: the feed's entries of the run after it (at most
         ``limit``) and the last position they account for (the run's end unless ``limit``
-        stopped them); entries after that position are the database's. Else None."""
+        stopped them); entries after that position are the database's. Else None.
+
+        Only live feeds: the run holds entries for everyone, never the copies addressed to
+        one feed that are all a non-live feed is presented."""
+        if not live:
+            return None
         with self.lock:
             if not self.rows:
                 return None
@@ -150,6 +155,8 @@ class _LogTail:
 
     def count(self, feed: str, live: bool, after: int, upto: int) -> int | None:
         """Entries of the feed in positions (after, upto] if the run holds them all."""
+        if not live:
+            return None
         with self.lock:
             if not self.rows:
                 return None
