@@ -238,32 +238,35 @@ class AlertStore(SqlStore):
                     ],
                 )
             )
+            # The alerts' index fields, shared by their index rows and the log tail's rows.
+            indexed = [
+                {
+                    "alert_id": m.alert_id,
+                    "visit": m.visit,
+                    "detector": m.detector,
+                    "dia_object_id": m.dia_object_id,
+                    "schema_id": m.schema_id,
+                    "segment": loc[0],
+                    "offset": loc[1],
+                    "length": loc[2],
+                    "ingest_unix": now,
+                    "ra": m.ra,
+                    "dec": m.dec,
+                    "band": m.band,
+                    "mjd": m.mjd,
+                    "psf_flux": m.psf_flux,
+                    "psf_flux_err": m.psf_flux_err,
+                    "snr": m.snr,
+                    "reliability": m.reliability,
+                }
+                for m, loc in zip(metas, locations, strict=True)
+            ]
             try:
                 s.execute(
                     insert(cast(Table, SQLAlert.__table__)),
                     [
-                        {
-                            "alert_id": m.alert_id,
-                            "position": pos,
-                            "visit": m.visit,
-                            "detector": m.detector,
-                            "dia_object_id": m.dia_object_id,
-                            "schema_id": m.schema_id,
-                            "segment": loc[0],
-                            "offset": loc[1],
-                            "length": loc[2],
-                            "ingest_unix": now,
-                            "producer": producer,
-                            "ra": m.ra,
-                            "dec": m.dec,
-                            "band": m.band,
-                            "mjd": m.mjd,
-                            "psf_flux": m.psf_flux,
-                            "psf_flux_err": m.psf_flux_err,
-                            "snr": m.snr,
-                            "reliability": m.reliability,
-                        }
-                        for m, loc, pos in zip(metas, locations, positions, strict=True)
+                        {**fields, "position": pos, "producer": producer}
+                        for fields, pos in zip(indexed, positions, strict=True)
                     ],
                 )
             except IntegrityError as exc:
@@ -275,35 +278,19 @@ class AlertStore(SqlStore):
         self.tail.extend(
             [
                 {
+                    **fields,
                     "position": pos,
                     "kind": EntryKind.ALERT.value,
-                    "visit": m.visit,
-                    "alert_id": m.alert_id,
                     "entry_format": None,
                     "replay": False,
                     "body": None,
                     "created_unix": now,
                     "target": None,
-                    "segment": loc[0],
-                    "offset": loc[1],
-                    "length": loc[2],
-                    "schema_id": m.schema_id,
-                    "detector": m.detector,
-                    "dia_object_id": m.dia_object_id,
-                    "ra": m.ra,
-                    "dec": m.dec,
-                    "band": m.band,
-                    "mjd": m.mjd,
-                    "psf_flux": m.psf_flux,
-                    "psf_flux_err": m.psf_flux_err,
-                    "snr": m.snr,
-                    "reliability": m.reliability,
                     "archive_file": None,
                     "archive_offset": None,
                     "archive_length": None,
-                    "ingest_unix": now,
                 }
-                for m, loc, pos in zip(metas, locations, positions, strict=True)
+                for fields, pos in zip(indexed, positions, strict=True)
             ]
         )
         return positions
