@@ -116,6 +116,12 @@ TARGET_S = 5.0
 """Per full-size detector on one core (the project's budget)."""
 
 
+STEAL_MEANING = (
+    "share of the run's CPU demand the virtual machine's host took (/proc/stat steal): "
+    "figures measured above ~0.1 are slower than the code"
+)
+
+
 def log(message: str) -> None:
     print(f"[prompt bench] {message}", file=sys.stderr, flush=True)
 
@@ -637,10 +643,12 @@ def main() -> None:
     if n_visit < 1:
         parser.error("--visit-detectors must be >= 1")
 
+    from ldf.hoststat import CpuSample, steal_fraction
     from ldf.sim.night import detectors_for
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run removes its tmp
     started = time.perf_counter()
+    host_before = CpuSample.now()
     tmp = Path(tempfile.mkdtemp(prefix="ldf-bench-prompt-"))
     try:
         home = tmp / "home"
@@ -762,6 +770,8 @@ def main() -> None:
                     **one,
                     "cores": cores,
                     "total_seconds": round(time.perf_counter() - started, 1),
+                    "cpu_steal_fraction": steal_fraction(host_before, CpuSample.now()),
+                    "cpu_steal_meaning": STEAL_MEANING,
                     "python": sys.version.split()[0],
                 },
                 indent=2,

@@ -31,6 +31,7 @@ def test_prompt_benchmark_smallest_run() -> None:
     assert r["benchmark"] == "prompt"
     assert r["target_s"] == 5.0
     assert r["scale"] == SCALE
+    assert r["cpu_steal_fraction"] is None or 0.0 <= r["cpu_steal_fraction"] <= 1.0
     det = get_instrument("LSSTCam", SCALE).detector(r["timed_detectors"][0])
     assert r["detector_shape"] == [det.ny, det.nx]
     assert r["runs"] == r["runs_kept"] == 1  # one round: it is kept (and says so)
