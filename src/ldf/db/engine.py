@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,48 @@ def make_engine(url: str, *, writer: bool = True, **kwargs: Any) -> Engine:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
+    if not writer:
+
+        @event.listens_for(engine, "begin")
+        def _begin_read(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        return engine
+
+    # Writers of one file in this process take turns on a Python lock before BEGIN IMMEDIATE.
+    # SQLite's own busy handler polls a held lock with sleeps of up to 100 ms, so threads
+    # of one service that write the same database (ingest, acknowledgements, audits) waited
+    # up to a sleep past every release: measured by benchmarks/alerts.py (acks averaging
+    # 22 ms, the longest 260 ms, behind ingest transactions of 0.2 s). The lock is released
+    # when the transaction ends (commit or rollback); other processes still meet SQLite's.
+    turn = _writer_lock(parsed.database or "", engine)
+
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+        turn.acquire()
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            turn.release()
+            raise
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _end(_conn: Any) -> None:
+        turn.release()
 
     return engine
+
+
+_WRITER_LOCKS: dict[str, threading.RLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(database: str, engine: Engine) -> threading.RLock:
+    """The lock of this process's writers of one SQLite file (a private one in memory).
+
+    Re-entrant: a thread that opens a second writing transaction on the same file while
+    holding one gets past it (and meets SQLite's lock and busy timeout, as before)."""
+    key = str(Path(database).resolve()) if database and database != ":memory:" else str(id(engine))
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(key, threading.RLock())
