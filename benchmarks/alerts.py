@@ -88,7 +88,9 @@ def role_server(
     from ldf.alerts.service import AlertService
     from ldf.alerts.storage import AlertStore
     from ldf.config.models import AlertsPolicy
+    from ldf.netutil import keep_heap
 
+    keep_heap()  # as `ldf serve alerts` does
     base = Path(home)
     policy = AlertsPolicy(lag_check_s=1.0, archive_delay_s=3600.0, nats_url=nats_url or None)
     service = AlertService(AlertStore.open(f"sqlite:///{base / 'alerts.sqlite3'}"),
@@ -658,9 +660,17 @@ def main() -> None:
     else:
         if args.alerts < 1 or args.batch < 1 or args.nats_max_backlog < 1:
             parser.error("--alerts, --batch and --nats-max-backlog must be at least 1")
+        from ldf.hoststat import CpuSample, steal_fraction
+
         os.environ.setdefault("LDF_HOME", tempfile.mkdtemp(prefix="ldf-bench-home-"))
+        before = CpuSample.now()
         result = run(args.alerts, args.batch, args.producers, not args.no_telemetry,
                      args.transport, args.nats_url, args.nats_max_backlog)  # fmt: skip
+        result["cpu_steal_fraction"] = steal_fraction(before, CpuSample.now())
+        result["cpu_steal_meaning"] = (
+            "share of the run's CPU demand the virtual machine's host took (/proc/stat "
+            "steal): figures measured above ~0.1 are slower than the code"
+        )
         print(json.dumps(result, indent=2))
 
 

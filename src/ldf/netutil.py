@@ -12,7 +12,7 @@ import uvicorn
 
 from ldf.errors import TransportError
 
-__all__ = ["QuietServer", "listen", "serve_app"]
+__all__ = ["QuietServer", "keep_heap", "listen", "serve_app"]
 
 
 class QuietServer(uvicorn.Server):
@@ -23,6 +23,31 @@ class QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def keep_heap() -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process (no-op elsewhere).
+
+    By default a buffer of more than a few MB is a fresh ``mmap`` and is unmapped when freed:
+    a server that builds an 8 MB batch per request then takes a page fault per 4 KB and
+    zeroes every page, for every batch (perf: 5 % of the alert server's cycles). With the
+    thresholds raised such buffers come from the heap and freed memory stays there. The
+    prompt pool sets the same through ``MALLOC_*`` variables before its workers start.
+    Returns whether the thresholds were set.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 31))
 
 
 def listen(host: str, port: int, *, what: str = "HTTP") -> socket.socket:

@@ -368,3 +368,93 @@ def test_schema_changes_left_to_the_decoder(source: dict[str, Any], target: dict
     s, t = fastavro.parse_schema(source), fastavro.parse_schema(target)
     with pytest.raises(transcode._UnsupportedError):
         transcode._plan(s, t, (s["__named_schemas"], t["__named_schemas"]), frozenset())
+
+
+# -- inspecting a packet (ingest): the compiled walk against fastavro ----------------------------
+
+
+def _inspect_both(packet: bytes) -> tuple[Any, Any]:
+    """(walk's result or error type, fastavro's result or error type)."""
+    out = []
+    for walk in (True, False):
+        try:
+            out.append(formats.inspect(packet, walk=walk))
+        except AlertPacketError as exc:
+            out.append(type(exc))
+    return out[0], out[1]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, field by field for AlertMeta, NaN equal to NaN."""
+    if isinstance(a, formats.AlertMeta) and isinstance(b, formats.AlertMeta):
+        return all(_same(getattr(a, f), getattr(b, f)) for f in formats.AlertMeta.__slots__)
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("schema_id", sorted(SCHEMAS))
+def test_every_supported_diasource_is_walked(schema_id: int) -> None:
+    steps = formats._source_steps(schema_id)
+    assert steps is not None
+    source_schema = formats._source_schema(schema_id)
+    for packet in (*packets(schema_id), *packets(schema_id, cutouts=False)):
+        walked, read = _inspect_both(packet)
+        assert isinstance(walked, formats.AlertMeta)
+        assert _same(walked, read)
+        # The walk itself reads it (no fallback), the kept fields as fastavro reads them.
+        pos = packet.index(_varint(walked.alert_id), 5) + len(_varint(walked.alert_id)) + 2
+        fields = formats._walk_source(packet, pos, steps)
+        full = fastavro.schemaless_reader(io.BytesIO(packet[pos:]), source_schema, None)
+        assert isinstance(full, dict)
+        assert fields == {k: full[k] for k in fields}
+        assert set(fields) == formats._INDEXED & set(full)
+
+
+@pytest.mark.parametrize("schema_id", sorted(SCHEMAS))
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_random_diasources_inspect_as_fastavro_reads_them(
+    schema_id: int, data: st.DataObject
+) -> None:
+    """Any DiaSource (every field null or any value, any float incl. NaN and infinities,
+    any string) gives the same index fields, or the same refusal, by both readers; so do
+    truncated and corrupted copies of its packet."""
+    schema = SCHEMAS[schema_id]
+    alert = data.draw(_values(schema.parsed, schema.parsed["__named_schemas"]))
+    alert["diaSource"]["diaSourceId"] = alert["diaSourceId"]  # (else refused by both)
+    packet = schema.serialize(alert)
+    walked, read = _inspect_both(packet)
+    assert _same(walked, read), (walked, read)
+    cut = data.draw(st.integers(5, len(packet) - 1))
+    assert _same(*_inspect_both(packet[:cut]))
+    at = data.draw(st.integers(5, min(len(packet) - 1, 600)))
+    flipped = packet[:at] + bytes([packet[at] ^ data.draw(st.integers(1, 255))]) + packet[at + 1 :]
+    walked, read = _inspect_both(flipped)
+    assert _same(walked, read), (at, walked, read)
+
+
+def test_walk_leaves_unusual_diasources_to_fastavro(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept field with a logical type, or a field of a type the walk does not read, makes
+    the whole schema fastavro's; a skipped logical type is read as its primitive."""
+
+    def schema(*fields: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "record", "name": "DiaSource", "fields": list(fields)}
+
+    skipped_logical = {"name": "t", "type": {"type": "long", "logicalType": "timestamp-micros"}}
+    kept_logical = {"name": "visit", "type": {"type": "long", "logicalType": "timestamp-micros"}}
+    array = {"name": "a", "type": {"type": "array", "items": "long"}}
+    three_way = {"name": "u", "type": ["null", "long", "string"]}
+    steps = formats._source_steps.__wrapped__  # uncached
+    for fields, walked in (
+        ([{"name": "visit", "type": "long"}, skipped_logical], True),
+        ([kept_logical], False),
+        ([array], False),
+        ([three_way], False),
+    ):
+        monkeypatch.setattr(formats, "_source_schema", lambda _id, f=fields: schema(*f))
+        assert (steps(0) is not None) is walked, fields

@@ -335,3 +335,75 @@ def test_transport_backlog_counts_in_a_nats_feeds_lag(service: AlertService) -> 
     # Only NATS feeds count it.
     service.set_transport_backlog("h", 10, long_ago)
     assert service.feed_status(service.feed("h")).lag_entries == 0
+
+
+def test_framed_batches_equal_frame_of_fetch(service: AlertService) -> None:
+    """The HTTP transport's batches (framed in place when they are plain live alerts) are
+    exactly `formats.frame` of what `fetch` returns, for every format and entry kind."""
+    service.create_feed(FeedSpec(name="full", broker="a"))
+    service.create_feed(FeedSpec(name="nc", broker="a", format=FeedFormat.NO_CUTOUTS))
+    service.create_feed(FeedSpec(name="note", broker="a", format=FeedFormat.NOTIFICATION))
+    service.create_feed(FeedSpec(name="old", broker="a", schema_version="11.0"))
+    service.ingest(packets(VISIT, 6))
+    service.ingest(packets(VISIT, 5, start=6))  # two appends: two runs in the segment
+    service.close_visit(VISIT)  # a manifest entry among the alerts
+    service.ingest(packets(VISIT + 1, 4))
+    service.replay(ReplaySpec(feed="copies", broker="a", visits=[VISIT]), actor="operator")
+    feeds = ["full", "nc", "note", "old", "copies"]
+
+    def compare() -> int:
+        batches = 0
+        for name in feeds:
+            for after in range(service.head() + 1):
+                for limit in (1, 3, 100):
+                    want = service.fetch(name, after=after, max_entries=limit)
+                    body, count, last = service.fetch_framed(name, after=after, max_entries=limit)
+                    assert bytes(body) == formats.frame(want)
+                    assert count == len(want)
+                    assert last == (want[-1].position if want else None)
+                    batches += bool(want)
+        return batches
+
+    assert compare() > 0
+    # A batch of plain alerts was framed in place (it equals the general path's above).
+    body, count, _ = service.fetch_framed("full", after=0, max_entries=6)
+    assert isinstance(body, bytearray)
+    assert count == 6
+    # Segments pruned after archiving: the same batches, from the archive.
+    service.close_visit(VISIT + 1)
+    assert service.archive_closed(older_than_s=0) == 15
+    for seg in service.segments.segments():
+        service.segments.remove(seg)
+    body, count, _ = service.fetch_framed("full", after=0, max_entries=6)
+    assert count == 6
+    assert not isinstance(body, bytearray)
+    assert [h["alert_id"] for h, _ in formats.unframe(body)] == [
+        alert_id_for(VISIT, i) for i in range(6)
+    ]
+    assert compare() > 0
+
+
+def test_alerts_archived_by_another_process_are_still_served(
+    service: AlertService, store_url: str
+) -> None:
+    """A second service on the same log (another `ldf serve alerts` worker) archives a visit
+    and prunes its segment: this one's in-memory tail still says "hot segment", and its
+    reads find the alerts in the archive."""
+    service.create_feed(FeedSpec(name="full", broker="a"))
+    service.ingest(packets(VISIT, 4))
+    service.close_visit(VISIT)
+    assert service.store.tail.rows  # this service's rows: no archive yet
+    other = AlertService(AlertStore.open(store_url), service.root, service.policy)
+    try:
+        assert other.archive_closed(older_than_s=0) == 4
+        for seg in other.segments.segments():
+            other.segments.remove(seg)
+    finally:
+        other.close()
+    assert service.store.tail.rows
+    service.segments.close()  # (an open descriptor would still read the unlinked file)
+    got = [d.body for d in service.fetch("full", after=0) if d.kind == "alert"]
+    assert [bytes(b) for b in got] == list(packets(VISIT, 4))
+    body, count, _ = service.fetch_framed("full", after=0)
+    assert count == 5
+    assert [b for _, b in formats.unframe(body)][:4] == list(packets(VISIT, 4))

@@ -27,6 +27,7 @@ def test_alerts_benchmark_smallest_run() -> None:
     assert r["alerts"] == 120
     assert r["feeds"] == 6
     assert r["stalled_feeds"] == ["ampel"]
+    assert r["cpu_steal_fraction"] is None or 0.0 <= r["cpu_steal_fraction"] <= 1.0
     assert 70_000 < r["packet_bytes"] < 90_000  # DMTN-102's ~80 KB
     assert set(r["per_feed"]) == {"validation", "alerce", "fink", "lasair", "antares"}
     for feed in r["per_feed"].values():

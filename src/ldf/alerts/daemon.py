@@ -21,7 +21,7 @@ from ldf.alerts.handlers import create_app
 from ldf.alerts.service import AlertService
 from ldf.config.models import Settings
 from ldf.errors import TransportError
-from ldf.netutil import listen, serve_app
+from ldf.netutil import keep_heap, listen, serve_app
 
 __all__ = ["ServerThread", "credentials_path", "run", "serve_alerts"]
 
@@ -155,6 +155,7 @@ async def run(
     from ldf.netutil import QuietServer
 
     sock = listen(host, port, what="alert distribution")
+    keep_heap()
     config = uvicorn.Config(
         create_app(service, credentials), log_level="info", lifespan="off",
         timeout_graceful_shutdown=5,

@@ -260,26 +260,28 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
         feed = await run_in_threadpool(own_feed, who, name)
         _http_feed(feed)
         start = feed.cursor if after is None else after
-        batch = await run_in_threadpool(
-            service.fetch, name, after=start, max_entries=max, max_bytes=max_bytes
-        )
-        if not batch and wait > 0 and await service.wait(name, start, wait):
-            batch = await run_in_threadpool(
-                service.fetch, name, after=start, max_entries=max, max_bytes=max_bytes
+        body, count, last = await run_in_threadpool(
+            service.fetch_framed, name, after=start, max_entries=max, max_bytes=max_bytes,
+            feed=feed,
+        )  # fmt: skip
+        if not count and wait > 0 and await service.wait(name, start, wait, feed):
+            # Read the feed again: it may have been paused or deleted during the wait.
+            body, count, last = await run_in_threadpool(
+                service.fetch_framed, name, after=start, max_entries=max, max_bytes=max_bytes
             )
-        body = await run_in_threadpool(formats.frame, batch)
         headers = {
-            "X-Ldf-Count": str(len(batch)),
-            "X-Ldf-Last-Position": str(batch[-1].position if batch else start),
+            "X-Ldf-Count": str(count),
+            "X-Ldf-Last-Position": str(last if last is not None else start),
         }
-        return Response(body, media_type=BATCH_MEDIA_TYPE, headers=headers)
+        return Response(memoryview(body), media_type=BATCH_MEDIA_TYPE, headers=headers)
 
     @app.post(f"{PREFIX}/feeds/{{name}}/ack")
     def ack(name: str, body: dict[str, int], who: Who) -> dict[str, Any]:
-        _http_feed(own_feed(who, name))
+        feed = own_feed(who, name)
+        _http_feed(feed)
         if set(body) != {"position"}:
             raise UserInputError('ack body must be {"position": <int>}')
-        feed = service.ack(name, int(body["position"]))
+        feed = service.ack(name, int(body["position"]), feed)
         return {"feed": name, "cursor": feed.cursor, "delivered": feed.delivered}
 
     @app.post(f"{PREFIX}/replays", status_code=201)

@@ -54,6 +54,7 @@ _ALERT_COLUMNS = [
     SQLAlert.archive_offset,
     SQLAlert.archive_length,
     SQLAlert.ingest_unix,
+    SQLAlert.producer,
 ]
 
 
@@ -216,59 +217,59 @@ class AlertStore(SqlStore):
             the segment writer lock, so this means two services write one log).
         """
         now = time.time()
+        # Everything but the positions is built before the transaction: the log's lock is
+        # held only for the inserts (every acknowledgement waits for it).
+        log_rows = [
+            {
+                "kind": EntryKind.ALERT.value,
+                "visit": m.visit,
+                "alert_id": m.alert_id,
+                "target": None,
+                "format": None,
+                "replay": False,
+                "created_unix": now,
+                "body": None,
+            }
+            for m in metas
+        ]
+        # The alerts' index fields, shared by their index rows and the log tail's rows.
+        indexed = [
+            {
+                "alert_id": m.alert_id,
+                "visit": m.visit,
+                "detector": m.detector,
+                "dia_object_id": m.dia_object_id,
+                "schema_id": m.schema_id,
+                "segment": loc[0],
+                "offset": loc[1],
+                "length": loc[2],
+                "ingest_unix": now,
+                "ra": m.ra,
+                "dec": m.dec,
+                "band": m.band,
+                "mjd": m.mjd,
+                "psf_flux": m.psf_flux,
+                "psf_flux_err": m.psf_flux_err,
+                "snr": m.snr,
+                "reliability": m.reliability,
+                "producer": producer,
+            }
+            for m, loc in zip(metas, locations, strict=True)
+        ]
+        log = cast(Table, SQLLog.__table__)
+        alerts = cast(Table, SQLAlert.__table__)
         with self._session() as s, s.begin():
             self._lock_log(s)
             # Core inserts on the tables: the ORM's bulk path costs as much as the database.
-            log = cast(Table, SQLLog.__table__)
             positions = list(
                 s.scalars(
-                    insert(log).returning(log.c.position, sort_by_parameter_order=True),
-                    [
-                        {
-                            "kind": EntryKind.ALERT.value,
-                            "visit": m.visit,
-                            "alert_id": m.alert_id,
-                            "target": None,
-                            "format": None,
-                            "replay": False,
-                            "created_unix": now,
-                            "body": None,
-                        }
-                        for m in metas
-                    ],
+                    insert(log).returning(log.c.position, sort_by_parameter_order=True), log_rows
                 )
             )
-            # The alerts' index fields, shared by their index rows and the log tail's rows.
-            indexed = [
-                {
-                    "alert_id": m.alert_id,
-                    "visit": m.visit,
-                    "detector": m.detector,
-                    "dia_object_id": m.dia_object_id,
-                    "schema_id": m.schema_id,
-                    "segment": loc[0],
-                    "offset": loc[1],
-                    "length": loc[2],
-                    "ingest_unix": now,
-                    "ra": m.ra,
-                    "dec": m.dec,
-                    "band": m.band,
-                    "mjd": m.mjd,
-                    "psf_flux": m.psf_flux,
-                    "psf_flux_err": m.psf_flux_err,
-                    "snr": m.snr,
-                    "reliability": m.reliability,
-                }
-                for m, loc in zip(metas, locations, strict=True)
-            ]
+            for fields, pos in zip(indexed, positions, strict=True):
+                fields["position"] = pos
             try:
-                s.execute(
-                    insert(cast(Table, SQLAlert.__table__)),
-                    [
-                        {**fields, "position": pos, "producer": producer}
-                        for fields, pos in zip(indexed, positions, strict=True)
-                    ],
-                )
+                s.execute(insert(alerts), indexed)
             except IntegrityError as exc:
                 raise StateError(
                     "an alertId was stored concurrently: is a second alert service writing "
@@ -279,7 +280,6 @@ class AlertStore(SqlStore):
             [
                 {
                     **fields,
-                    "position": pos,
                     "kind": EntryKind.ALERT.value,
                     "entry_format": None,
                     "replay": False,
@@ -290,7 +290,7 @@ class AlertStore(SqlStore):
                     "archive_offset": None,
                     "archive_length": None,
                 }
-                for fields, pos in zip(indexed, positions, strict=True)
+                for fields in indexed
             ]
         )
         return positions

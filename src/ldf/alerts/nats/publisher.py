@@ -343,8 +343,9 @@ class NatsPublisher:
         subject = self.names.subject(feed.broker, name)
         # A consumer holding max_ack_pending messages gets nothing new: keep the reorder a
         # failed round can cause (the retried entries land behind the round's others) well
-        # inside that limit, so the entry it waits for can always be delivered.
-        window = min(self.batch_entries, max(1, feed.max_ack_pending // 2))
+        # inside that limit, so the entry it waits for can always be delivered. A window is
+        # also no bigger than max_backlog: a stalled feed stops within one window of it.
+        window = min(self.batch_entries, max(1, feed.max_ack_pending // 2), self.max_backlog)
         backoff = 0.1
         while True:
             # The next window is read from the service while JetStream stores this one.
