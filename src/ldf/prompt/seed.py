@@ -138,7 +138,7 @@ def seed_survey(
             settings, camera, detectors, bands, day_obs=day_obs, seed=seed, sky=sky
         )
 
-    from ldf.prompt.products import build_templates, template_coverage
+    from ldf.prompt.products import template_coverage
 
     todo = [f for f in fields if not template_coverage(settings, instrument, f, detectors, scale)]
     if todo:
@@ -146,11 +146,69 @@ def seed_survey(
         report["template_visits"] = _archive_template_visits(
             settings, camera, todo, detectors, day_obs=day_obs, seed=seed, sky=sky
         )
-        for f in todo:
-            report["templates"] += build_templates(
-                settings, instrument, f.band, f.ra_deg, f.dec_deg, radius, scale=scale, status=say
-            )
+        report["templates"] = _build_templates(settings, instrument, todo, radius, scale, say)
     return report
+
+
+def _build_templates(
+    settings: Settings,
+    instrument: str,
+    fields: list[Field],
+    radius: float,
+    scale: float,
+    say: Callable[[str], None],
+) -> int:
+    """The fields' templates, a band per worker process (``settings.batch.workers``).
+
+    A band's fields are built in order by one worker, as one process would: two fields of
+    a band may share a patch, and the later one's template is the one kept. Bands write
+    different files. Returns the number of templates written.
+    """
+    by_band: dict[str, list[Field]] = {}
+    for f in fields:
+        by_band.setdefault(f.band, []).append(f)
+    groups = sorted(by_band.values(), key=len, reverse=True)  # the longest starts first
+    workers = min(len(groups), settings.batch.workers)
+    if workers <= 1:
+        return sum(_band_templates(settings, instrument, g, radius, scale, say)[0] for g in groups)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    say(f"building templates of {len(groups)} band(s) in {workers} processes…")
+    total = 0
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_band_templates, settings, instrument, g, radius, scale) for g in groups
+        ]
+        for future in as_completed(futures):
+            made, lines = future.result()
+            for line in lines:
+                say(line)
+            total += made
+    return total
+
+
+def _band_templates(
+    settings: Settings,
+    instrument: str,
+    fields: list[Field],
+    radius: float,
+    scale: float,
+    say: Callable[[str], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Build the templates of fields in order (a worker's task): how many, and what was said
+    (a worker cannot print to the parent's console)."""
+    from ldf.prompt.products import build_templates
+
+    lines: list[str] = []
+    status = say if say is not None else lines.append
+    made = 0
+    for f in fields:
+        made += build_templates(
+            settings, instrument, f.band, f.ra_deg, f.dec_deg, radius, scale=scale, status=status
+        )
+    return made, lines
 
 
 def night_sky(seed: int, params: tuple[float, float, float] = (1.0, 20.0, 50.0)) -> Any:
