@@ -458,3 +458,17 @@ def test_walk_leaves_unusual_diasources_to_fastavro(monkeypatch: pytest.MonkeyPa
     ):
         monkeypatch.setattr(formats, "_source_schema", lambda _id, f=fields: schema(*f))
         assert (steps(0) is not None) is walked, fields
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 100, 1 << 20])
+def test_ingest_body_streamed_in_pieces_is_the_packed_body(chunk_bytes: int) -> None:
+    """The pieces `AlertClient.ingest` streams join to `pack_packets`' body, whose length it
+    announces, and unpack to the packets."""
+    packets = [b"", b"a", b"bc" * 40, bytes(range(256)) * 3]
+    pieces = list(formats.iter_packed(packets, chunk_bytes))
+    body = formats.pack_packets(packets)
+    assert b"".join(pieces) == body
+    assert formats.packed_size(packets) == len(body) == 4 * 4 + 1 + 80 + 768
+    assert formats.unpack_packets(body) == packets
+    assert all(len(p) < chunk_bytes + 4 + 768 for p in pieces)  # about chunk_bytes each
+    assert list(formats.iter_packed([])) == []

@@ -362,6 +362,24 @@ def test_ack_semantics(transport: Transport) -> None:
         second.close()
 
 
+def test_a_batch_is_not_changed_by_the_next_fetch(transport: Transport) -> None:
+    """What a fetch returned stays as it was after later fetches (`HttpFeedSource` reads
+    every batch into one buffer it keeps)."""
+    transport.create_feed("fink-full", "fink")
+    sent = list(packets(VISIT, 6))
+    transport.service.ingest(sent)
+    source = transport.source("fink", "fink-full")
+    try:
+        first = fetch_until(source, 0, 3)[:3]
+        bodies = [bytes(e.body) for e in first]
+        assert bodies == sent[:3]
+        later = fetch_until(source, first[-1].position, 3)
+        assert [bytes(e.body) for e in later] == sent[3:]
+        assert [bytes(e.body) for e in first] == bodies
+    finally:
+        source.close()
+
+
 # -- a consumer process killed with SIGKILL mid-batch ----------------------------------------
 
 CONSUMER = textwrap.dedent(
