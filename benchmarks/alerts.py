@@ -34,7 +34,9 @@ Transports (``--transport``):
 
 Figures: the time from the first packet handed over until the last healthy feed has every
 alert (requirement: well inside OTT1, 60 s), ingest time, alerts/s and MB/s per feed, whether
-the stalled feed's lag alarm fired, the baseline's time and the ratio. With ``--telemetry``
+the stalled feed's lag alarm fired, the baseline's time and the ratio, and the store floor:
+the seconds the same filesystem takes just to append and sync the visit's bytes as ingest
+does (durability, which the baseline does not pay). With ``--telemetry``
 the Telemetry Gateway's figures (``benchmarks/telemetry.py``) are added.
 
 Usage: python benchmarks/alerts.py [--alerts N] [--batch N] [--producers N] [--no-telemetry]
@@ -503,6 +505,7 @@ def run(
             for name, r in results.items()
         }
         last_healthy = max(done.values())
+        floor_s = _store_floor(base, packets, batch)
         if nats:
             cleanup.close()  # the ldf streams go before the baseline's come
             cleanup.callback(delete_streams, nats_url, prefix)
@@ -529,6 +532,13 @@ def run(
         "baseline": baseline,
         "baseline_s": round(raw_s, 2),
         "ratio": round(last_healthy / raw_s, 2),
+        "store_floor": {
+            "what": "the visit's packets appended to a new file on the service's filesystem, "
+            f"{batch} per writev + fdatasync as ingest does, alone (no HTTP, no index): what "
+            "durability alone costs the service here; the baseline stores nothing",
+            "seconds": round(floor_s, 2),
+            "MB_per_s": round(alerts * packet_bytes / floor_s / 1e6),
+        },
     }
     if nats:
         # The stalled feed's entries not in the service's lag wait in JetStream.
@@ -544,6 +554,30 @@ def run(
         except Exception as exc:  # the alert figures stand on their own
             result["telemetry_gateway"] = {"error": str(exc).splitlines()[0]}
     return result
+
+
+def _store_floor(base: Path, packets: list[bytes], batch: int) -> float:
+    """Seconds to append the packets to a new file, ``batch`` per writev + fdatasync."""
+    path = base / "store-floor.seg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        t = time.perf_counter()
+        for i in range(0, len(packets), batch):
+            views = [memoryview(p) for p in packets[i : i + batch]]
+            want = sum(map(len, views))
+            while want:  # a short write leaves the rest
+                n = os.writev(fd, views)
+                want -= n
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0], n = views[0][n:], 0
+            os.fdatasync(fd)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def _baseline_http(base: Path, packets: list[bytes]) -> tuple[float, str, dict[str, Any]]:

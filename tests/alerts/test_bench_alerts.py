@@ -37,6 +37,8 @@ def test_alerts_benchmark_smallest_run() -> None:
     assert r["stalled_feed"]["lag_entries"] == 121  # 120 alerts + the manifest
     assert r["stalled_feed"]["lagging"]
     assert r["ratio"] == pytest.approx(r["time_to_last_healthy_feed_s"] / r["baseline_s"], rel=0.05)
+    assert r["store_floor"]["seconds"] > 0
+    assert r["store_floor"]["MB_per_s"] > 0
 
 
 async def _streams_of(prefix: str, delete: bool) -> list[str]:
