@@ -605,8 +605,9 @@ def iter_packed(packets: Iterable[bytes], chunk_bytes: int = 1 << 20) -> Iterato
         yield b"".join(parts)
 
 
-def unpack_packets(data: bytes | memoryview) -> list[bytes]:
-    """The packets of an ingest body.
+def unpack_packets(data: bytes | memoryview, *, views: bool = False) -> list[Any]:
+    """The packets of an ingest body: copies, or with ``views`` memoryviews into ``data``
+    (no copy; they keep all of ``data`` alive while any is).
 
     Raises
     ------
@@ -614,7 +615,7 @@ def unpack_packets(data: bytes | memoryview) -> list[bytes]:
         The body is truncated.
     """
     view = memoryview(data)
-    out: list[bytes] = []
+    out: list[Any] = []
     pos, end = 0, len(view)
     while pos < end:
         if pos + 4 > end:
@@ -623,6 +624,6 @@ def unpack_packets(data: bytes | memoryview) -> list[bytes]:
         pos += 4
         if pos + n > end:
             raise UserInputError(f"truncated packet list: packet of {n} bytes cut short")
-        out.append(bytes(view[pos : pos + n]))
+        out.append(view[pos : pos + n] if views else bytes(view[pos : pos + n]))
         pos += n
     return out

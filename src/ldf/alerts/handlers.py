@@ -186,7 +186,8 @@ def create_app(service: AlertService, credentials: Credentials) -> FastAPI:
                     413, "too_large", f"body is over the limit of {policy.max_ingest_bytes} bytes"
                 )
             chunks.append(chunk)
-        packets = formats.unpack_packets(b"".join(chunks))
+        # Views into the body, not copies: the service writes them and keeps none.
+        packets = formats.unpack_packets(b"".join(chunks), views=True)
         if not packets:
             raise UserInputError("no packets in the request body")
         result = await run_in_threadpool(service.ingest, packets, who.name)
