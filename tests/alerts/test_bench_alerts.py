@@ -15,6 +15,7 @@ from tests.engines import NATS_URL, require_nats
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "alerts.py"
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_alerts_benchmark_smallest_run() -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--alerts", "120", "--batch", "40", "--no-telemetry"],
@@ -57,6 +58,7 @@ async def _streams_of(prefix: str, delete: bool) -> list[str]:
         await nc.close()
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 @pytest.mark.nats
 def test_alerts_benchmark_smallest_run_over_nats() -> None:
     require_nats()

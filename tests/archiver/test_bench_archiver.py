@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "archiver.py"
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_archiver_benchmark_smallest_run() -> None:
     argv = ["--exposures", "1", "--detectors", "1", "--speedup", "39", "--no-compare-no-butler"]
     proc = subprocess.run(

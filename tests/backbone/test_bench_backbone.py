@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "backbone.py"
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_backbone_benchmark_smallest_run() -> None:
     argv = ["--files", "3", "--checksum-files", "1", "--checksum-mb", "1", "--audit-files", "50"]
     proc = subprocess.run(

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "oods.py"
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_oods_benchmark_smallest_run() -> None:
     argv = ["--mb", "1", "--downloads", "2", "--entries", "20", "--searches", "5"]
     proc = subprocess.run(

@@ -22,6 +22,7 @@ def run_bench(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_prompt_benchmark_smallest_run() -> None:
     proc = run_bench(
         "--scale", str(SCALE), "--detectors", "1", "--repeats", "1", "--visit-detectors", "2"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "telemetry.py"
 
 
@@ -16,6 +18,7 @@ def run_bench(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a whole benchmark run (make test-all)
 def test_telemetry_benchmark_smallest_run() -> None:
     proc = run_bench("--messages", "40", "--producers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
