@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +17,46 @@ SCALE = 0.1
 DETECTORS = ["R22_S11"]
 
 
-def _seed(home: Path, workers: int) -> tuple[dict, list[str], dict[Path, Path]]:
-    from ldf.prompt.seed import seed_survey
+def _files(root: Path) -> dict[Path, Path]:
+    return {p.relative_to(root): p for p in root.rglob("*.fits")}
+
+
+@pytest.mark.slow  # ~20 s: seeds a survey, then builds its templates again (make test-all)
+def test_templates_of_two_bands_in_two_processes_equal_those_of_one(tmp_path: Path) -> None:
+    from ldf.prompt.seed import _build_templates, _field_radius_deg, fields_of_plan, seed_survey
+    from ldf.sim.instruments import get_instrument
 
     settings = Settings.model_validate(
         {
-            "home": str(home),
+            "home": str(tmp_path / "home"),
             "sim": {"scale": SCALE, "seed": SEED, "detectors": len(DETECTORS)},
-            "batch": {"workers": workers},
+            "batch": {"workers": 2},
         }
     )
     first = _plan()[0][0]
     other = "i" if first.band != "i" else "r"
-    # Two fields in two bands: a worker process each when there are two.
+    # Two fields in two bands: a worker process each.
     visits = [first, first.model_copy(update={"band": other, "ra_deg": first.ra_deg + 1.0})]
     said: list[str] = []
     report = seed_survey(
         settings, visits, detectors=DETECTORS, scale=SCALE, seed=SEED, status=said.append
     )
-    root = InputPaths(home).templates
-    return report, said, {p.relative_to(root): p for p in root.rglob("*.fits")}
-
-
-def test_templates_of_two_bands_in_two_processes_equal_those_of_one(tmp_path: Path) -> None:
-    one, _, files_one = _seed(tmp_path / "one", workers=1)
-    two, said, files_two = _seed(tmp_path / "two", workers=2)
     assert any("in 2 processes" in s for s in said)
-    assert one["templates"] == two["templates"] == len(files_one) > 0
-    assert len({f.parts[0] for f in files_one}) == 2  # both bands
+    # Each field's line, said in the parent as one process says it.
+    assert sum(" template patch(es) from " in s for s in said) == 2
+    root = InputPaths(settings.home).templates
+    two = tmp_path / "two-processes"
+    shutil.move(root, two)
+    files_two = _files(two)
+    assert report["templates"] == len(files_two) > 0
+    assert len({f.parts[0] for f in files_two}) == 2  # both bands
+
+    # The same fields built again from the same archive by one process.
+    one = settings.model_copy(update={"batch": settings.batch.model_copy(update={"workers": 1})})
+    radius = _field_radius_deg(get_instrument("LSSTCam", SCALE), DETECTORS)
+    made = _build_templates(one, "LSSTCam", fields_of_plan(visits), radius, SCALE, said.append)
+    files_one = _files(root)
+    assert made == len(files_one)
     assert sorted(files_one) == sorted(files_two)
     for name, path in files_one.items():
         with fits.open(path) as a, fits.open(files_two[name]) as b:
@@ -51,8 +64,6 @@ def test_templates_of_two_bands_in_two_processes_equal_those_of_one(tmp_path: Pa
             for ha, hb in zip(a, b, strict=True):
                 if ha.data is not None:
                     np.testing.assert_array_equal(ha.data, hb.data)
-    # Each field's line, said in the parent as one process says it.
-    assert sum(" template patch(es) from " in s for s in said) == 2
 
 
 @pytest.fixture(autouse=True)
