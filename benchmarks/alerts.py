@@ -578,21 +578,14 @@ def run(
 
 def _store_floor(base: Path, packets: list[bytes], batch: int) -> float:
     """Seconds to append the packets to a new file, ``batch`` per writev + fdatasync."""
+    from ldf.alerts.segments import _write_all  # the service's own writev loop
+
     path = base / "store-floor.seg"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         t = time.perf_counter()
         for i in range(0, len(packets), batch):
-            views = [memoryview(p) for p in packets[i : i + batch]]
-            want = sum(map(len, views))
-            while want:  # a short write leaves the rest
-                n = os.writev(fd, views)
-                want -= n
-                while n:
-                    if n >= len(views[0]):
-                        n -= len(views.pop(0))
-                    else:
-                        views[0], n = views[0][n:], 0
+            _write_all(fd, packets[i : i + batch])
             os.fdatasync(fd)
         return time.perf_counter() - t
     finally:
